@@ -1,0 +1,32 @@
+"""The plain-torch reference behind the backend signature (``MAXSIM_BACKEND=reference``): slow, exact."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..reference import maxsim_reference, maxsim_varlen_reference
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def maxsim_padded(q, d, q_mask, d_mask, *, normalize: bool, return_argmax: bool):
+    """``q [P, Qn, Lq, D]`` against ``d [P, Dn, Ld, D]``: scores ``[P, Qn, Dn]``, argmax ``[P, Qn, Dn, Lq]``."""
+    scores, argmax = maxsim_reference(
+        q[:, :, None],
+        d[:, None],
+        q_mask=None if q_mask is None else q_mask[:, :, None],
+        d_mask=None if d_mask is None else d_mask[:, None],
+        normalize=normalize,
+    )
+    return scores.to(_score_dtype(q.dtype)), argmax
+
+
+def maxsim_varlen(q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq, max_ld, normalize, return_argmax):
+    """Packed sequences: scores ``[Nq, Nd]`` or ``[P]``, argmax padded to ``max_lq``."""
+    pairs = None if q_ids is None else (q_ids, d_ids)
+    scores, argmax = maxsim_varlen_reference(q, cu_q, d, cu_d, pairs=pairs, normalize=normalize)
+    argmax = F.pad(argmax, (0, max_lq - argmax.shape[-1]), value=-1)
+    return scores.to(_score_dtype(q.dtype)), argmax

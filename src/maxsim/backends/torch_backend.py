@@ -1,0 +1,381 @@
+"""Exact, memory-bounded torch backend (CPU, MPS, any torch device); forward and backward.
+
+The similarity of a query token and a document token is only ever computed in blocks: every temporary
+of one block (similarities, float32 copies of the tokens, the block's maxima) fits the memory budget
+(``MAXSIM_MEMORY_BUDGET`` bytes, default 256 MiB). On the CPU the blocks are smaller still, sized for the
+caches, which is also what makes them fast. All arithmetic is float32 (float64 inputs stay float64).
+
+Autograd keeps the inputs and the int32 argmax of each (query token, document) only; the backward
+gathers the winning tokens from that argmax, block by block.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
+CPU_BLOCK_BYTES = 4 * 2**20  # similarity blocks that stay in the CPU caches run fastest
+NORMALIZE_EPS = 1e-12
+
+
+def memory_budget() -> int:
+    """The largest number of bytes of temporaries one block may hold."""
+    value = os.environ.get("MAXSIM_MEMORY_BUDGET")
+    if value is None:
+        return DEFAULT_MEMORY_BUDGET
+    try:
+        budget = int(value)
+    except ValueError:
+        raise ValueError(f"MAXSIM_MEMORY_BUDGET must be a number of bytes, got {value!r}") from None
+    if budget < 1:
+        raise ValueError(f"MAXSIM_MEMORY_BUDGET must be >= 1 byte, got {budget}")
+    return budget
+
+
+def _block_bytes(device: torch.device) -> int:
+    budget = memory_budget()
+    return min(budget, CPU_BLOCK_BYTES) if device.type == "cpu" else budget
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _prepare(x: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """A block of tokens in the compute dtype, L2-normalized when asked."""
+    x = x.to(_compute_dtype(x.dtype))
+    return F.normalize(x, dim=-1, eps=NORMALIZE_EPS) if normalize else x
+
+
+def _normalize_backward(x: torch.Tensor, grad_normalized: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. ``x`` of ``F.normalize(x, dim=-1)`` given the gradient w.r.t. its output."""
+    x = x.to(grad_normalized.dtype)
+    norm = x.norm(dim=-1, keepdim=True)
+    unit = x / norm.clamp_min(NORMALIZE_EPS)
+    radial = (unit * grad_normalized).sum(dim=-1, keepdim=True)
+    return torch.where(
+        norm > NORMALIZE_EPS, (grad_normalized - unit * radial) / norm, grad_normalized / NORMALIZE_EPS
+    )
+
+
+def _fit(sizes: dict[str, int], cost, limit: int) -> dict[str, int]:
+    """Halve the chunk sizes, in the order of ``sizes``, until ``cost(**chunks) <= limit`` (or all are 1)."""
+    chunks = dict(sizes)
+    for name in sizes:
+        while chunks[name] > 1 and cost(**chunks) > limit:
+            chunks[name] = (chunks[name] + 1) // 2
+    return chunks
+
+
+def _ranges(total: int, step: int):
+    for start in range(0, total, step):
+        yield start, min(start + step, total)
+
+
+def _first_real_token(d_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the first True of each row of ``d_mask [..., Ld]``; -1 for a row without one."""
+    return torch.where(d_mask.any(dim=-1), d_mask.int().argmax(dim=-1), -1)
+
+
+def forward_padded(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    q_mask: torch.Tensor | None,
+    d_mask: torch.Tensor | None,
+    *,
+    normalize: bool,
+    need_argmax: bool,
+    block_bytes: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """MaxSim of every query of a group against every document of the same group (no autograd).
+
+    Args:
+        q: ``[P, Qn, Lq, D]``; d: ``[P, Dn, Ld, D]``, one float dtype (any strides).
+        q_mask: bool ``[P, Qn, Lq]`` or None; d_mask: bool ``[P, Dn, Ld]`` or None (True = real).
+        need_argmax: also return the argmax (slower than a plain max).
+        block_bytes: the most bytes of temporaries a block may hold (default: the device's block size).
+
+    Returns:
+        scores float32 (float64 for float64 inputs) ``[P, Qn, Dn]`` and int32 argmax ``[P, Qn, Dn, Lq]``
+        (-1 for masked query tokens) or None.
+    """
+    P, Qn, Lq, D = q.shape
+    Dn, Ld = d.shape[1], d.shape[2]
+    dtype = _compute_dtype(q.dtype)
+    item = torch.finfo(dtype).bits // 8
+    limit = block_bytes if block_bytes is not None else _block_bytes(q.device)
+
+    def cost(p, d, q, l):  # noqa: E741 - chunk sizes named after the axes they cut
+        sim = q * Lq * d * l * item
+        copies = (d * l + q * Lq) * D * item
+        maxima = d * q * Lq * (item + 8)
+        return p * (sim + copies + maxima + d * l)
+
+    chunk = _fit({"p": P, "d": Dn, "q": Qn, "l": Ld}, cost, limit)
+    if chunk["l"] < Ld:
+        chunk["d"] = 1  # a block cuts one document's tokens, or holds whole documents
+    scores = torch.empty(P, Qn, Dn, dtype=dtype, device=q.device)
+    argmax = torch.empty(P, Qn, Dn, Lq, dtype=torch.int32, device=q.device) if need_argmax else None
+    for p0, p1 in _ranges(P, chunk["p"]):
+        for q0, q1 in _ranges(Qn, chunk["q"]):
+            q_block = _prepare(q[p0:p1, q0:q1], normalize).reshape(p1 - p0, (q1 - q0) * Lq, D)
+            for d0, d1 in _ranges(Dn, chunk["d"]):
+                best, best_index = None, None
+                for l0, l1 in _ranges(Ld, chunk["l"]):
+                    d_block = _prepare(d[p0:p1, d0:d1, l0:l1], normalize)
+                    sim = torch.matmul(d_block.reshape(p1 - p0, -1, D), q_block.transpose(1, 2))
+                    sim = sim.view(p1 - p0, d1 - d0, l1 - l0, (q1 - q0) * Lq)
+                    if d_mask is not None:
+                        sim.masked_fill_(~d_mask[p0:p1, d0:d1, l0:l1, None], float("-inf"))
+                    if not need_argmax:
+                        value = sim.amax(dim=2)
+                        best = value if best is None else torch.maximum(best, value)
+                        continue
+                    value, index = sim.max(dim=2)
+                    if best is None:
+                        best, best_index = value, index
+                        continue
+                    better = (value > best) | (value.isnan() & ~best.isnan())
+                    best = torch.where(better, value, best)
+                    best_index = torch.where(better, index + l0, best_index)
+                # best: [p, d, q * Lq] -> [p, q, d, Lq]
+                best = best.view(p1 - p0, d1 - d0, q1 - q0, Lq).transpose(1, 2)
+                real_query = None if q_mask is None else q_mask[p0:p1, q0:q1, None, :]
+                kept = best if real_query is None else torch.where(real_query, best, 0.0)
+                scores[p0:p1, q0:q1, d0:d1] = kept.sum(dim=-1)
+                if not need_argmax:
+                    continue
+                best_index = best_index.view(p1 - p0, d1 - d0, q1 - q0, Lq).transpose(1, 2)
+                if d_mask is not None:  # all-(-inf) maxima: the first real token wins, never a masked one
+                    first = _first_real_token(d_mask[p0:p1, d0:d1])[:, None, :, None]
+                    best_index = torch.where(best == float("-inf"), first, best_index)
+                if real_query is not None:
+                    best_index = torch.where(real_query, best_index, -1)
+                argmax[p0:p1, q0:q1, d0:d1] = best_index
+    return scores, argmax
+
+
+def backward_padded(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    argmax: torch.Tensor,
+    grad_scores: torch.Tensor,
+    *,
+    normalize: bool,
+    need_dq: bool = True,
+    need_dd: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``forward_padded``'s scores from its argmax.
+
+    Args:
+        q: ``[P, Qn, Lq, D]``; d: ``[P, Dn, Ld, D]``; argmax: int32 ``[P, Qn, Dn, Lq]`` (-1: no gradient).
+        grad_scores: ``[P, Qn, Dn]``.
+
+    Returns:
+        ``(dq, dd)`` in the input dtype, shaped like ``q`` and ``d`` (None where not needed).
+    """
+    P, Qn, Lq, D = q.shape
+    Dn, Ld = d.shape[1], d.shape[2]
+    dtype = _compute_dtype(q.dtype)
+    item = torch.finfo(dtype).bits // 8
+
+    def cost(p, d, q):
+        gathered = 2 * q * d * Lq * D * item  # winning tokens and their weighted copies
+        return p * (gathered + 2 * d * Ld * D * item + q * Lq * D * item)
+
+    chunk = _fit({"p": P, "d": Dn, "q": Qn}, cost, memory_budget())
+    grad_scores = grad_scores.to(dtype)
+    dq_normalized = torch.zeros(P, Qn, Lq, D, dtype=dtype, device=q.device) if need_dq else None
+    dd = torch.empty_like(d, memory_format=torch.contiguous_format) if need_dd else None
+    for p0, p1 in _ranges(P, chunk["p"]):
+        groups = torch.arange(p1 - p0, device=q.device)[:, None, None, None]
+        for d0, d1 in _ranges(Dn, chunk["d"]):
+            d_block = _prepare(d[p0:p1, d0:d1], normalize)  # [p, d, Ld, D]
+            dd_block = torch.zeros_like(d_block) if need_dd else None
+            docs = torch.arange(d1 - d0, device=q.device)[None, None, :, None]
+            for q0, q1 in _ranges(Qn, chunk["q"]):
+                winner = argmax[p0:p1, q0:q1, d0:d1].long()  # [p, q, d, Lq]
+                real = (winner >= 0)[..., None]
+                winner = winner.clamp(min=0)
+                weight = grad_scores[p0:p1, q0:q1, d0:d1, None, None]  # [p, q, d, 1, 1]
+                if need_dq:
+                    won = d_block[groups, docs, winner]  # [p, q, d, Lq, D]
+                    dq_normalized[p0:p1, q0:q1] += torch.where(real, weight * won, 0.0).sum(dim=2)
+                if need_dd:
+                    q_block = _prepare(q[p0:p1, q0:q1], normalize)[:, :, None]  # [p, q, 1, Lq, D]
+                    index = (groups.expand_as(winner), docs.expand_as(winner), winner)
+                    dd_block.index_put_(index, torch.where(real, weight * q_block, 0.0), accumulate=True)
+            if need_dd:
+                if normalize:
+                    dd_block = _normalize_backward(d[p0:p1, d0:d1], dd_block)
+                dd[p0:p1, d0:d1] = dd_block
+    dq = None
+    if need_dq:
+        dq = _normalize_backward(q, dq_normalized) if normalize else dq_normalized
+        dq = dq.to(q.dtype)
+    return dq, dd
+
+
+class PaddedMaxSim(torch.autograd.Function):
+    """``forward_padded`` with autograd; saves the inputs and the int32 argmax only."""
+
+    @staticmethod
+    def forward(ctx, q, d, q_mask, d_mask, normalize):
+        scores, argmax = forward_padded(q, d, q_mask, d_mask, normalize=normalize, need_argmax=True)
+        ctx.save_for_backward(q, d, argmax)
+        ctx.normalize = normalize
+        ctx.mark_non_differentiable(argmax)
+        return scores, argmax
+
+    @staticmethod
+    def backward(ctx, grad_scores, grad_argmax):
+        q, d, argmax = ctx.saved_tensors
+        dq, dd = backward_padded(
+            q,
+            d,
+            argmax,
+            grad_scores,
+            normalize=ctx.normalize,
+            need_dq=ctx.needs_input_grad[0],
+            need_dd=ctx.needs_input_grad[1],
+        )
+        return dq, dd, None, None, None
+
+
+def maxsim_padded(q, d, q_mask, d_mask, *, normalize: bool, return_argmax: bool):
+    """Backend entry point for padded groups: see ``forward_padded`` for shapes."""
+    if torch.is_grad_enabled() and (q.requires_grad or d.requires_grad):
+        return PaddedMaxSim.apply(q, d, q_mask, d_mask, normalize)
+    return forward_padded(q, d, q_mask, d_mask, normalize=normalize, need_argmax=return_argmax)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Packed (varlen) sequences: blocks of whole sequences are padded into bounded buffers on the fly.
+
+
+def _sequence_tokens(cu: torch.Tensor, ids: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token positions ``[n, max_len]`` (0 where padding) of sequences ``ids`` and their mask."""
+    start, end = cu[ids].long(), cu[ids + 1].long()
+    position = start[:, None] + torch.arange(max_len, device=cu.device)
+    mask = position < end[:, None]
+    return torch.where(mask, position, 0), mask
+
+
+def _pairs_grid(nq: int, nd: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    q_ids = torch.arange(nq, device=device).repeat_interleave(nd)
+    return q_ids, torch.arange(nd, device=device).repeat(nq)
+
+
+def forward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq, max_ld, normalize, need_argmax):
+    """MaxSim of packed sequences (no autograd).
+
+    Args:
+        q: ``[Tq, D]``, ``cu_q`` ``[Nq+1]``; d: ``[Td, D]``, ``cu_d`` ``[Nd+1]``.
+        q_ids, d_ids: int64 ``[P]`` listed pairs, or both None for all pairs.
+        max_lq, max_ld: Python ints >= the longest query / document.
+
+    Returns:
+        scores ``[Nq, Nd]`` or ``[P]`` and int32 argmax ``[..., max_lq]`` (-1 beyond a query) or None.
+    """
+    D = q.shape[-1]
+    budget = _block_bytes(q.device)
+    item = torch.finfo(_compute_dtype(q.dtype)).bits // 8
+    gather_limit = max(budget // 2, 1)
+    if q_ids is None:  # all pairs: every query against blocks of padded documents
+        nq, nd = cu_q.shape[0] - 1, cu_d.shape[0] - 1
+        positions, q_mask = _sequence_tokens(cu_q, torch.arange(nq, device=q.device), max_lq)
+        q_padded = q[positions][None]
+        scores = torch.empty(nq, nd, dtype=_compute_dtype(q.dtype), device=q.device)
+        argmax = torch.empty(nq, nd, max_lq, dtype=torch.int32, device=q.device) if need_argmax else None
+        step = max(1, gather_limit // (max_ld * D * item))
+        for d0, d1 in _ranges(nd, step):
+            positions, d_mask = _sequence_tokens(cu_d, torch.arange(d0, d1, device=q.device), max_ld)
+            s, a = forward_padded(
+                q_padded, d[positions][None], q_mask[None], d_mask[None],
+                normalize=normalize, need_argmax=need_argmax, block_bytes=gather_limit,
+            )  # fmt: skip
+            scores[:, d0:d1] = s[0]
+            if need_argmax:
+                argmax[:, d0:d1] = a[0]
+        return scores, argmax
+    n = q_ids.shape[0]
+    scores = torch.empty(n, dtype=_compute_dtype(q.dtype), device=q.device)
+    argmax = torch.empty(n, max_lq, dtype=torch.int32, device=q.device) if need_argmax else None
+    step = max(1, gather_limit // ((max_ld + max_lq) * D * item))
+    for p0, p1 in _ranges(n, step):
+        q_positions, q_mask = _sequence_tokens(cu_q, q_ids[p0:p1], max_lq)
+        d_positions, d_mask = _sequence_tokens(cu_d, d_ids[p0:p1], max_ld)
+        s, a = forward_padded(
+            q[q_positions][:, None], d[d_positions][:, None], q_mask[:, None], d_mask[:, None],
+            normalize=normalize, need_argmax=need_argmax, block_bytes=gather_limit,
+        )  # fmt: skip
+        scores[p0:p1] = s[:, 0, 0]
+        if need_argmax:
+            argmax[p0:p1] = a[:, 0, 0]
+    return scores, argmax
+
+
+def backward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores, *, normalize, need_dq, need_dd):
+    """Gradients of ``forward_varlen``'s scores from its argmax, accumulated over blocks of pairs."""
+    if q_ids is None:
+        q_ids, d_ids = _pairs_grid(cu_q.shape[0] - 1, cu_d.shape[0] - 1, q.device)
+        argmax = argmax.reshape(-1, argmax.shape[-1])
+        grad_scores = grad_scores.reshape(-1)
+    D, max_lq = q.shape[-1], argmax.shape[-1]
+    dtype = _compute_dtype(q.dtype)
+    item = torch.finfo(dtype).bits // 8
+    step = max(1, memory_budget() // (6 * max_lq * D * item))
+    grad_scores = grad_scores.to(dtype)
+    dq = torch.zeros(q.shape, dtype=dtype, device=q.device) if need_dq else None
+    dd = torch.zeros(d.shape, dtype=dtype, device=q.device) if need_dd else None
+    for p0, p1 in _ranges(q_ids.shape[0], step):
+        winner = argmax[p0:p1].long()  # [p, max_lq]
+        real = winner >= 0
+        q_token = (cu_q[q_ids[p0:p1]].long()[:, None] + torch.arange(max_lq, device=q.device))[real]
+        d_token = (cu_d[d_ids[p0:p1]].long()[:, None] + winner)[real]
+        weight = grad_scores[p0:p1, None].expand_as(winner)[real][:, None]
+        if need_dq:
+            dq.index_add_(0, q_token, weight * _prepare(d[d_token], normalize))
+        if need_dd:
+            dd.index_add_(0, d_token, weight * _prepare(q[q_token], normalize))
+    if normalize:
+        dq = _normalize_backward(q, dq) if need_dq else None
+        dd = _normalize_backward(d, dd) if need_dd else None
+    return (dq.to(q.dtype) if need_dq else None), (dd.to(d.dtype) if need_dd else None)
+
+
+class VarlenMaxSim(torch.autograd.Function):
+    """``forward_varlen`` with autograd; saves the inputs and the int32 argmax only."""
+
+    @staticmethod
+    def forward(ctx, q, cu_q, d, cu_d, q_ids, d_ids, max_lq, max_ld, normalize):
+        scores, argmax = forward_varlen(
+            q, cu_q, d, cu_d, q_ids, d_ids,
+            max_lq=max_lq, max_ld=max_ld, normalize=normalize, need_argmax=True,
+        )  # fmt: skip
+        ctx.save_for_backward(q, cu_q, d, cu_d, q_ids, d_ids, argmax)
+        ctx.normalize = normalize
+        ctx.mark_non_differentiable(argmax)
+        return scores, argmax
+
+    @staticmethod
+    def backward(ctx, grad_scores, grad_argmax):
+        q, cu_q, d, cu_d, q_ids, d_ids, argmax = ctx.saved_tensors
+        dq, dd = backward_varlen(
+            q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores, normalize=ctx.normalize,
+            need_dq=ctx.needs_input_grad[0], need_dd=ctx.needs_input_grad[2],
+        )  # fmt: skip
+        return dq, None, dd, None, None, None, None, None, None
+
+
+def maxsim_varlen(q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq, max_ld, normalize, return_argmax):
+    """Backend entry point for packed sequences: see ``forward_varlen`` for shapes."""
+    if torch.is_grad_enabled() and (q.requires_grad or d.requires_grad):
+        return VarlenMaxSim.apply(q, cu_q, d, cu_d, q_ids, d_ids, max_lq, max_ld, normalize)
+    return forward_varlen(
+        q, cu_q, d, cu_d, q_ids, d_ids,
+        max_lq=max_lq, max_ld=max_ld, normalize=normalize, need_argmax=return_argmax,
+    )  # fmt: skip

@@ -1,0 +1,205 @@
+"""Every input check of the public API and its message, in one place.
+
+Checks that read tensor values (lengths in range, a document with a real token, cu_seqlens order, pair
+ids in range) need a device->host sync on GPUs; they run only when ``validate=True``. Every other check
+(types, dtypes, shapes, devices) always runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_flag(value, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def check_tokens(x, name: str, *, rank: int | None = None, allow_float64: bool = False) -> None:
+    """``x`` is a float tensor of tokens ``[..., L, D]`` (or exactly ``rank`` dims) with L, D >= 1."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    allowed = FLOAT_DTYPES + ((torch.float64,) if allow_float64 else ())
+    if x.dtype not in allowed:
+        names = ", ".join(_dtype_name(t) for t in allowed)
+        raise TypeError(f"{name} must have dtype {names}; got {_dtype_name(x.dtype)}")
+    if rank is not None and x.dim() != rank:
+        raise ValueError(f"{name} must have {rank} dims, got shape {tuple(x.shape)}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have shape [..., tokens, dim] (at least 2 dims), got {tuple(x.shape)}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty embedding dim (shape {tuple(x.shape)})")
+    if rank is None and x.shape[-2] == 0:
+        raise ValueError(
+            f"{name} has an empty token axis (shape {tuple(x.shape)}); it needs at least one token"
+        )
+
+
+def check_pair(q: torch.Tensor, d: torch.Tensor, *, q_name: str = "q", d_name: str = "d") -> None:
+    """``q`` and ``d`` agree on dtype, embedding dim and device."""
+    if q.dtype != d.dtype:
+        raise TypeError(
+            f"{q_name} and {d_name} must have one dtype, got {_dtype_name(q.dtype)} and {_dtype_name(d.dtype)}"
+        )
+    if q.shape[-1] != d.shape[-1]:
+        raise ValueError(
+            f"{q_name} and {d_name} must have the same embedding dim D, got {q.shape[-1]} and {d.shape[-1]}"
+        )
+    check_device(d, d_name, q.device, q_name)
+
+
+def check_device(x: torch.Tensor, name: str, device: torch.device, ref_name: str) -> None:
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {device}; put them on one device")
+
+
+def broadcast_batch(q: torch.Tensor, d: torch.Tensor) -> torch.Size:
+    """The broadcast of the batch dims ``q.shape[:-2]`` and ``d.shape[:-2]``."""
+    try:
+        return torch.broadcast_shapes(q.shape[:-2], d.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"the batch dims of q {tuple(q.shape[:-2])} and d {tuple(d.shape[:-2])} do not broadcast "
+            "(they follow torch.matmul's rules: align from the right, sizes equal or 1)"
+        ) from None
+
+
+def _check_fits(shape: torch.Size, target: torch.Size, name: str, what: str) -> None:
+    try:
+        fits = torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{name} has shape {tuple(shape)}, which must broadcast to {what} {tuple(target)} without enlarging it"
+        )
+
+
+def token_mask(
+    x: torch.Tensor,
+    mask,
+    lengths,
+    side: str,
+    *,
+    check_values: bool,
+    require_real: bool,
+) -> torch.Tensor | None:
+    """The bool mask ``[*x.shape[:-1]]`` (True = real token) of one side, or None when all are real.
+
+    Args:
+        x: ``[..., L, D]`` the side's tokens.
+        mask: bool ``[..., L]`` or None; lengths: integer ``[...]`` or None (not both).
+        side: ``"q"`` or ``"d"``: names the arguments in messages (``q_mask``, ``q_lengths``, ...).
+        check_values: check lengths in ``[1, L]`` and, with ``require_real``, a real token per sequence.
+        require_real: every sequence of this side needs a real token (documents).
+    """
+    mask_name, lengths_name = f"{side}_mask", f"{side}_lengths"
+    if mask is not None and lengths is not None:
+        raise ValueError(f"give {mask_name} or {lengths_name}, not both")
+    batch, length = x.shape[:-2], x.shape[-2]
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"{mask_name} must be a bool torch.Tensor, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(
+                f"{mask_name} must have dtype bool (True = real token), got {_dtype_name(mask.dtype)}"
+            )
+        check_device(mask, mask_name, x.device, side)
+        if mask.dim() < 1 or mask.shape[-1] != length:
+            raise ValueError(
+                f"{mask_name} must have shape [..., {length}] to match {side}, got {tuple(mask.shape)}"
+            )
+        _check_fits(mask.shape, x.shape[:-1], mask_name, f"the token dims of {side}")
+        mask = mask.expand(x.shape[:-1])
+        if require_real and check_values and not mask.any(dim=-1).all():
+            raise ValueError(f"{mask_name} has a document with no real token (a row of all False)")
+        return mask
+    if lengths is not None:
+        if not isinstance(lengths, torch.Tensor):
+            raise TypeError(f"{lengths_name} must be an integer torch.Tensor, got {type(lengths).__name__}")
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            raise TypeError(f"{lengths_name} must have an integer dtype, got {_dtype_name(lengths.dtype)}")
+        check_device(lengths, lengths_name, x.device, side)
+        _check_fits(lengths.shape, batch, lengths_name, f"the batch dims of {side}")
+        if check_values and lengths.numel() > 0:
+            low, high = int(lengths.min()), int(lengths.max())
+            if low < 1 or high > length:
+                raise ValueError(
+                    f"{lengths_name} must lie in [1, {length}] (the padded length of {side}), got [{low}, {high}]"
+                )
+        mask = torch.arange(length, device=x.device) < lengths[..., None]
+        return mask.expand(x.shape[:-1])
+    return None
+
+
+def check_cu_seqlens(cu, name: str, total: int, tokens_name: str, *, check_values: bool) -> None:
+    """``cu`` is int32/int64 ``[N+1]``: 0, non-decreasing, no empty segment, ending at ``total``."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 or int64 torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must have dtype int32 or int64, got {_dtype_name(cu.dtype)}")
+    if cu.dim() != 1 or cu.shape[0] < 2:
+        raise ValueError(f"{name} must have shape [N+1] with N >= 1, got {tuple(cu.shape)}")
+    if not check_values:
+        return
+    if int(cu[0]) != 0:
+        raise ValueError(f"{name} must start at 0, got {int(cu[0])}")
+    if int(cu[-1]) != total:
+        raise ValueError(f"{name} must end at the token count of {tokens_name} ({total}), got {int(cu[-1])}")
+    steps = cu[1:] - cu[:-1]
+    if bool((steps < 0).any()):
+        raise ValueError(f"{name} must be non-decreasing")
+    if bool((steps == 0).any()):
+        empty = int((steps == 0).nonzero()[0, 0])
+        raise ValueError(f"{name} holds an empty segment (sequence {empty} has no token)")
+
+
+def check_max_seqlen(value, cu: torch.Tensor, name: str, *, check_values: bool) -> int:
+    """``max_seqlen`` as a Python int; None costs one device->host sync to compute it."""
+    if value is None:
+        return int((cu[1:] - cu[:-1]).max())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a Python int (or None), got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    if check_values:
+        actual = int((cu[1:] - cu[:-1]).max())
+        if value < actual:
+            raise ValueError(f"{name}={value} is smaller than the longest sequence ({actual})")
+    return value
+
+
+def check_pairs(
+    pairs, nq: int, nd: int, device: torch.device, *, check_values: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pairs`` is ``(q_ids [P], d_ids [P])`` of integer tensors with ids in range."""
+    if not isinstance(pairs, (tuple, list)) or len(pairs) != 2:
+        raise TypeError("pairs must be None or a tuple (q_ids, d_ids) of integer tensors")
+    checked = []
+    for ids, name, count in ((pairs[0], "pairs[0] (q_ids)", nq), (pairs[1], "pairs[1] (d_ids)", nd)):
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in INDEX_DTYPES + (
+            torch.int16,
+            torch.uint8,
+            torch.int8,
+        ):
+            raise TypeError(f"{name} must be an integer torch.Tensor")
+        if ids.dim() != 1:
+            raise ValueError(f"{name} must have shape [P], got {tuple(ids.shape)}")
+        check_device(ids, name, device, "q")
+        if check_values and ids.numel() > 0:
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= count:
+                raise ValueError(f"{name} must lie in [0, {count - 1}], got [{low}, {high}]")
+        checked.append(ids.long())
+    if checked[0].shape != checked[1].shape:
+        raise ValueError(
+            f"pairs[0] and pairs[1] must have the same length, got {checked[0].shape[0]} and {checked[1].shape[0]}"
+        )
+    return checked[0], checked[1]
