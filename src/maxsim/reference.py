@@ -92,7 +92,7 @@ def maxsim_varlen_reference(
     else:
         q_ids, d_ids = pairs[0].tolist(), pairs[1].tolist()
     scores, argmaxes = [], []
-    for qi, di in zip(q_ids, d_ids):
+    for qi, di in zip(q_ids, d_ids, strict=True):
         s, a = maxsim_reference(q[cq[qi] : cq[qi + 1]], d[cd[di] : cd[di + 1]], normalize=normalize)
         scores.append(s)
         argmaxes.append(F.pad(a, (0, max_lq - a.shape[0]), value=-1))
