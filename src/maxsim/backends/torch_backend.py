@@ -63,7 +63,7 @@ def _normalize_backward(x: torch.Tensor, grad_normalized: torch.Tensor) -> torch
 
 def _fit(sizes: dict[str, int], cost, limit: int) -> dict[str, int]:
     """Halve the chunk sizes, in the order of ``sizes``, until ``cost(**chunks) <= limit`` (or all are 1)."""
-    chunks = dict(sizes)
+    chunks = {name: max(size, 1) for name, size in sizes.items()}
     for name in sizes:
         while chunks[name] > 1 and cost(**chunks) > limit:
             chunks[name] = (chunks[name] + 1) // 2
