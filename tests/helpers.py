@@ -64,3 +64,17 @@ def random_tokens(shape, dtype, *, generator, device="cpu") -> torch.Tensor:
 def integer_tokens(shape, dtype, *, generator, low=-2, high=3) -> torch.Tensor:
     """Small integer tokens: exact in every dtype, with many ties, so argmax is checkable exactly."""
     return torch.randint(low, high, shape, generator=generator).to(dtype)
+
+
+# Gradients come back in the input dtype, computed in float32: the only error beyond float32 rounding is the
+# final rounding to the input dtype (relative eps/2), so the bound is a few eps of that dtype.
+GRAD_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def assert_grads_close(ours: torch.Tensor, ref: torch.Tensor, *, dtype: torch.dtype) -> None:
+    """``|ours - ref| <= GRAD_TOLERANCE[dtype] * max(1, |ref|)`` element-wise, ``ours`` in ``dtype``."""
+    assert ours.dtype == dtype, f"gradient dtype {ours.dtype}, expected {dtype}"
+    assert ours.shape == ref.shape, f"gradient shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    error = (ours.double() - ref.double()).abs()
+    bound = GRAD_TOLERANCE[dtype] * ref.double().abs().clamp(min=1.0)
+    assert bool((error <= bound).all()), f"max gradient error {error.max().item():.3g}"

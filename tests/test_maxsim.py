@@ -50,8 +50,12 @@ def make_masks(generator, q_shape, d_shape, form):
 
 
 def reference_masks(masks, lq, ld):
-    q_mask = masks.get("q_mask", None if "q_lengths" not in masks else lengths_to_mask(masks["q_lengths"], lq))
-    d_mask = masks.get("d_mask", None if "d_lengths" not in masks else lengths_to_mask(masks["d_lengths"], ld))
+    q_mask = masks.get(
+        "q_mask", None if "q_lengths" not in masks else lengths_to_mask(masks["q_lengths"], lq)
+    )
+    d_mask = masks.get(
+        "d_mask", None if "d_lengths" not in masks else lengths_to_mask(masks["d_lengths"], ld)
+    )
     return q_mask, d_mask
 
 

@@ -1,0 +1,161 @@
+"""Gradients: float64 gradcheck of the reference and of our backend, ours against the reference's autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DTYPES, assert_grads_close, dtype_id, integer_tokens, random_tokens
+from test_maxsim import LAYOUTS, layout_id, make_masks, reference_masks
+from test_varlen import CORPORA, corpus_id, make
+
+import maxsim
+from maxsim.reference import maxsim_reference, maxsim_varlen_reference
+
+SMALL_LAYOUTS = [
+    ("query-vs-corpus", (), (3,), 4, 5, 6),
+    ("pairs", (2,), (2,), 3, 7, 5),
+    ("candidates", (2, 1), (2, 3), 3, 4, 5),
+    ("all-pairs", (3, 1), (1, 2), 2, 6, 4),
+]
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
+@pytest.mark.parametrize("form", ["none", "mask"])
+@pytest.mark.parametrize("layout", SMALL_LAYOUTS, ids=layout_id)
+def test_gradcheck_float64(layout, form, normalize):
+    _, qb, db, lq, ld, dim = layout
+    g = torch.Generator().manual_seed(0)
+    q = random_tokens((*qb, lq, dim), torch.float64, generator=g).requires_grad_()
+    d = random_tokens((*db, ld, dim), torch.float64, generator=g).requires_grad_()
+    masks = make_masks(g, (*qb, lq), (*db, ld), form)
+    q_mask, d_mask = reference_masks(masks, lq, ld)
+    assert torch.autograd.gradcheck(
+        lambda a, b: maxsim_reference(a, b, q_mask=q_mask, d_mask=d_mask, normalize=normalize)[0], (q, d)
+    )
+    assert torch.autograd.gradcheck(lambda a, b: maxsim.maxsim(a, b, normalize=normalize, **masks), (q, d))
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
+@pytest.mark.parametrize(
+    "pairs", [None, (torch.tensor([0, 2, 1, 0]), torch.tensor([1, 0, 1, 1]))], ids=["all", "listed"]
+)
+def test_gradcheck_varlen_float64(pairs, normalize):
+    corpus = ("small", [2, 3, 1], [4, 1], 5)
+    q, cu_q, d, cu_d = make(corpus, torch.float64, seed=1)
+    q.requires_grad_(), d.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b, pairs=pairs: maxsim.maxsim_varlen(a, cu_q, b, cu_d, pairs=pairs, normalize=normalize),
+        (q, d),
+    )
+
+
+def _grads(fn, q, d, seed, *, exact=False):
+    """Gradients of a random weighting of ``fn(q, d)``; ``exact``: on float64 copies of the same values."""
+    q = (q.double() if exact else q).detach().requires_grad_()
+    d = (d.double() if exact else d).detach().requires_grad_()
+    scores = fn(q, d)
+    weights = torch.randn(scores.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    (scores.double() * weights).sum().backward()
+    return q.grad, d.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
+@pytest.mark.parametrize("form", ["none", "mask", "lengths"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+def test_grads_match_reference(layout, form, normalize, dtype):
+    _, qb, db, lq, ld, dim = layout
+    g = torch.Generator().manual_seed(2)
+    q = random_tokens((*qb, lq, dim), dtype, generator=g)
+    d = random_tokens((*db, ld, dim), dtype, generator=g)
+    masks = make_masks(g, (*qb, lq), (*db, ld), form)
+    q_mask, d_mask = reference_masks(masks, lq, ld)
+    dq, dd = _grads(lambda a, b: maxsim.maxsim(a, b, normalize=normalize, **masks), q, d, seed=3)
+    rq, rd = _grads(
+        lambda a, b: maxsim_reference(a, b, q_mask=q_mask, d_mask=d_mask, normalize=normalize)[0],
+        q,
+        d,
+        seed=3,
+        exact=True,
+    )
+    assert_grads_close(dq, rq, dtype=dtype)
+    assert_grads_close(dd, rd, dtype=dtype)
+    if d_mask is not None:
+        assert bool((dd[~d_mask.expand(dd.shape[:-1])] == 0).all()), "masked document tokens got a gradient"
+    if q_mask is not None:
+        assert bool((dq[~q_mask.expand(dq.shape[:-1])] == 0).all()), "masked query tokens got a gradient"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_ties_route_to_first_winner(dtype):
+    """Integer tokens tie often: the whole gradient goes to the first winner, as torch.max routes it."""
+    g = torch.Generator().manual_seed(4)
+    q = integer_tokens((4, 1, 6, 8), dtype, generator=g, low=-1, high=2)
+    d = integer_tokens((1, 5, 9, 8), dtype, generator=g, low=-1, high=2)
+    dq, dd = _grads(maxsim.maxsim, q, d, seed=5)
+    rq, rd = _grads(lambda a, b: maxsim_reference(a, b)[0], q, d, seed=5, exact=True)
+    assert_grads_close(dq, rq, dtype=dtype)
+    assert_grads_close(dd, rd, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
+@pytest.mark.parametrize("corpus", CORPORA, ids=corpus_id)
+def test_varlen_grads_match_reference(corpus, normalize, dtype):
+    q, cu_q, d, cu_d = make(corpus, dtype, seed=6)
+    for pairs in (None, (torch.tensor([0, 0]), torch.tensor([0, len(corpus[2]) - 1]))):
+        dq, dd = _grads(
+            lambda a, b, pairs=pairs: maxsim.maxsim_varlen(
+                a, cu_q, b, cu_d, pairs=pairs, normalize=normalize
+            ),
+            q,
+            d,
+            7,
+        )
+        rq, rd = _grads(
+            lambda a, b, pairs=pairs: maxsim_varlen_reference(
+                a, cu_q, b, cu_d, pairs=pairs, normalize=normalize
+            )[0],
+            q,
+            d,
+            7,
+            exact=True,
+        )
+        assert_grads_close(dq, rq, dtype=dtype)
+        assert_grads_close(dd, rd, dtype=dtype)
+
+
+def test_autograd_keeps_inputs_and_int32_argmax_only():
+    """Nothing of size batch * Lq * Ld is saved for the backward."""
+    g = torch.Generator().manual_seed(8)
+    q = random_tokens((6, 1, 16, 8), torch.float32, generator=g).requires_grad_()
+    d = random_tokens((1, 7, 40, 8), torch.float32, generator=g).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        scores = maxsim.maxsim(q, d, normalize=True)
+    bound = 6 * 7 * 16  # O(batch * Lq) int32 argmax
+    for tensor in saved:
+        if tensor.dtype == torch.int32:
+            assert tensor.numel() <= bound
+        else:
+            assert tensor.numel() <= max(q.numel(), d.numel()), f"saved {tuple(tensor.shape)} {tensor.dtype}"
+    scores.sum().backward()
+    assert q.grad.shape == q.shape and d.grad.shape == d.shape
+
+
+def test_grad_only_for_requested_inputs():
+    q = torch.randn(3, 5, 8, requires_grad=True)
+    d = torch.randn(3, 7, 8)
+    maxsim.maxsim(q, d).sum().backward()
+    assert q.grad is not None and d.grad is None
+
+
+def test_small_budget_backward(monkeypatch):
+    monkeypatch.setenv("MAXSIM_MEMORY_BUDGET", "3000")
+    g = torch.Generator().manual_seed(9)
+    q = random_tokens((5, 1, 7, 8), torch.float32, generator=g)
+    d = random_tokens((1, 6, 33, 8), torch.float32, generator=g)
+    dq, dd = _grads(lambda a, b: maxsim.maxsim(a, b, normalize=True), q, d, seed=10)
+    rq, rd = _grads(lambda a, b: maxsim_reference(a, b, normalize=True)[0], q, d, seed=10, exact=True)
+    assert_grads_close(dq, rq, dtype=torch.float32)
+    assert_grads_close(dd, rd, dtype=torch.float32)
