@@ -1,8 +1,8 @@
 """Seed-compatible names: the API of the original kernels-hub ``maxsim`` package.
 
-Code written for the Hugging Face kernels-hub kernel ``erikkaum/maxsim`` (source: github.com/ErikKaum,
-repository ``maxsim``, ``torch-ext/maxsim/__init__.py`` and ``reference.py``) switches to this package
-by changing one import::
+Code written for the Hugging Face kernels-hub kernel ``erikkaum/maxsim`` (source: the GitHub repository
+ErikKaum/maxsim, ``torch-ext/maxsim/__init__.py`` and ``reference.py``) switches to this package by
+changing one import::
 
     maxsim = get_kernel("erikkaum/maxsim", version=1)   # before
     import maxsim.compat as maxsim                       # after
