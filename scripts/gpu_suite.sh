@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The GPU suite: the whole test suite on the GPU, then `maxsim bench` on it, in one command.
+#
+# Run it on the GPU machine through the device tool, from the repository root:
+#     run(command="bash scripts/gpu_suite.sh", carry=[".whl"])
+# Its log and results come back under $OUT:
+#     $OUT/gpu-suite-<device>.log     everything printed (tests, info, bench table)
+#     $OUT/bench-<device>.json        the results JSON (commit it under benchmarks/results/)
+#     $OUT/bench-<device>.png         the plot, when matplotlib is there
+# (<device> is the GPU's name with spaces as dashes, e.g. NVIDIA-H100-80GB-HBM3.)
+# Plot a returned JSON here with: maxsim bench --plot out.png --from bench-<device>.json
+#
+# The GPU image has torch, triton, numpy and pytest but no network. The peers (pure-Python wheels) travel in
+# .whl/ (ignored by git); fetch them here once, from the repository root:
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#         flash-maxsim late-interaction-kernels
+# Wheels found in .whl/ are installed into /tmp/site, which goes on PYTHONPATH after src/ (the package
+# runs from the working tree, not installed). Without .whl/ the peers are reported as not installed.
+#
+# Environment knobs:
+#     BENCH_ARGS   extra arguments for `maxsim bench`, e.g. "--dtype float16,bfloat16 --method cold,graph"
+#     SKIP_TESTS=1 run only the benchmark
+#     PYTEST_ARGS  extra arguments for pytest (default: none)
+# MAXSIM_BACKEND is unset for both steps so every call gets the device's default backend.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT="${OUT:-$PWD/gpu-out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+unset MAXSIM_BACKEND
+export PYTHONUNBUFFERED=1
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || echo "gpu_suite: installing .whl/*.whl failed; peers may be missing" >&2
+    export PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+else
+    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+DEVICE="$("$PY" -c 'import re, torch
+name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+print(re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-"))')"
+LOG="$OUT/gpu-suite-$DEVICE.log"
+JSON="$OUT/bench-$DEVICE.json"
+
+tests_rc=0
+bench_rc=0
+{
+    echo "== gpu_suite on $DEVICE at $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
+    "$PY" -m maxsim.cli info
+
+    if [ "${SKIP_TESTS:-0}" != "1" ]; then
+        echo "== pytest (MAXSIM_BACKEND unset)"
+        # shellcheck disable=SC2086
+        "$PY" -m pytest tests -q ${PYTEST_ARGS:-}
+        tests_rc=$?
+        echo "== pytest exit status $tests_rc"
+    fi
+
+    echo "== maxsim bench"
+    plot=()
+    if "$PY" -c 'import matplotlib' 2>/dev/null; then
+        plot=(--plot "$OUT/bench-$DEVICE.png")
+    fi
+    # shellcheck disable=SC2086
+    "$PY" -m maxsim.cli bench --json "$JSON" "${plot[@]}" ${BENCH_ARGS:-}
+    bench_rc=$?
+    echo "== bench exit status $bench_rc"
+    echo "$tests_rc $bench_rc" >"$OUT/.status"
+} 2>&1 | tee "$LOG"
+
+read -r tests_rc bench_rc <"$OUT/.status" 2>/dev/null || { tests_rc=1; bench_rc=1; }
+rm -f "$OUT/.status"
+echo "gpu_suite: tests exit $tests_rc, bench exit $bench_rc; log $LOG, results $JSON"
+[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]

@@ -1,0 +1,342 @@
+"""The one registry of named benchmark workloads, and the inputs each one builds.
+
+A workload is a layout plus sizes. ``Workload.build(device, dtype, scale)`` makes a :class:`Case`: the
+input tensors (seeded, L2-normalized tokens as ColBERT-style encoders emit them), the sizes actually used,
+the bytes and FLOPs the floors are computed from, and a way to cut the first rows out for the reference
+check.
+
+Layouts (``Inputs.layout``) and the canonical output every provider returns:
+
+=============  ============================================================  ==============
+``candidates``  ``q [B, Lq, D]`` (called as ``q[:, None]``), ``d [B, C, Ld, D]``  ``[B, C]``
+``corpus``      one query ``q [Lq, D]`` against ``d [N, Ld, D]``                   ``[N]``
+``varlen``      one query ``q [Lq, D]``, packed ``d [T, D]`` with ``cu_seqlens_d``  ``[N]``
+``padded``      one query ``q [Lq, D]``, ``d [N, Lmax, D]`` with ``d_lengths [N]``  ``[N]``
+``all_pairs``   ``q [Nq, Lq, D]`` (``q[:, None]``) against ``d [Nd, Ld, D]`` (``d[None]``)  ``[Nq, Nd]``
+=============  ============================================================  ==============
+
+``scale`` multiplies the number of scored (query, document) pairs: the batch/document counts of every
+layout (for ``all_pairs`` each side by ``sqrt(scale)``), never the token lengths or ``D``. Workloads marked
+``fixed_size`` (the CPU bar) ignore it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+DIM = 128
+
+LAYOUTS = ("candidates", "corpus", "varlen", "padded", "all_pairs")
+
+
+@dataclass
+class Inputs:
+    """The tensors of one workload instance (or of the first rows of one, for the reference check).
+
+    Attributes:
+        layout: one of ``LAYOUTS``.
+        q: query tokens: ``[B, Lq, D]`` (candidates), ``[Lq, D]`` (corpus/varlen/padded), ``[Nq, Lq, D]``
+            (all_pairs).
+        d: document tokens: ``[B, C, Ld, D]``, ``[N, Ld, D]``, packed ``[T, D]`` (varlen),
+            ``[N, Lmax, D]`` (padded), ``[Nd, Ld, D]`` (all_pairs).
+        d_lengths: int64 ``[N]`` real lengths (padded, and varlen's segment lengths), on the device.
+        cu_seqlens_q, cu_seqlens_d: int32 offsets (varlen).
+        max_seqlen_q, max_seqlen_d: Python ints (varlen, padded).
+        lengths: the document lengths as a host list (varlen, padded).
+        train: forward + backward of ``scores.sum()``; ``q`` and ``d`` are leaves that require grad.
+    """
+
+    layout: str
+    q: torch.Tensor
+    d: torch.Tensor
+    d_lengths: torch.Tensor | None = None
+    cu_seqlens_q: torch.Tensor | None = None
+    cu_seqlens_d: torch.Tensor | None = None
+    max_seqlen_q: int | None = None
+    max_seqlen_d: int | None = None
+    lengths: list[int] | None = None
+    train: bool = False
+
+    @property
+    def rows(self) -> int:
+        """How many rows the first axis of the output has (what ``head`` cuts)."""
+        if self.layout in ("candidates", "all_pairs"):
+            return self.q.shape[0]
+        if self.layout == "varlen":
+            return self.cu_seqlens_d.shape[0] - 1
+        return self.d.shape[0]
+
+    def head(self, k: int) -> Inputs:
+        """The same problem restricted to the first ``k`` output rows (detached, no grad)."""
+        q, d = self.q.detach(), self.d.detach()
+        if self.layout == "candidates":
+            return Inputs(self.layout, q[:k], d[:k])
+        if self.layout == "all_pairs":
+            return Inputs(self.layout, q[:k], d)
+        if self.layout == "corpus":
+            return Inputs(self.layout, q, d[:k])
+        if self.layout == "padded":
+            lengths = self.lengths[:k]
+            return Inputs(
+                self.layout, q, d[:k], d_lengths=self.d_lengths[:k], lengths=lengths,
+                max_seqlen_q=self.max_seqlen_q, max_seqlen_d=max(lengths),
+            )  # fmt: skip
+        cu = self.cu_seqlens_d[: k + 1]
+        lengths = self.lengths[:k]
+        return Inputs(
+            self.layout, q, d[: sum(lengths)], d_lengths=self.d_lengths[:k], cu_seqlens_q=self.cu_seqlens_q,
+            cu_seqlens_d=cu, max_seqlen_q=self.max_seqlen_q, max_seqlen_d=max(lengths), lengths=lengths,
+        )  # fmt: skip
+
+
+@dataclass
+class Case:
+    """One built workload: inputs plus what the floors and the report need.
+
+    Attributes:
+        name: workload name; ``layout``: its layout; ``dims``: the sizes used (after ``scale``).
+        shape_id: readable id, e.g. ``B32-C10-Lq32-Ld180-D128``.
+        bytes_given: bytes of the inputs as the call gets them (padding included), each distinct token once.
+        bytes_real: bytes of the real (unpadded) tokens.
+        flops: ``2 * sum over scored pairs of Lq * Ld * D``, real tokens only (forward).
+        pairs: number of scored (query, document) pairs.
+    """
+
+    name: str
+    layout: str
+    dims: dict
+    shape_id: str
+    dtype: torch.dtype
+    inputs: Inputs
+    bytes_given: int
+    bytes_real: int
+    flops: int
+    pairs: int
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A named workload of the registry.
+
+    Attributes:
+        name: registry key.
+        layout: one of ``LAYOUTS``.
+        sizes: full-size dims: ``B, C`` (candidates), ``Nq, Nd`` (others), ``Lq``, ``Ld`` (or
+            ``Ld_min, Ld_max`` for ragged corpora), ``D``.
+        description: one line for ``--list`` and the report.
+        train: time forward + backward of ``scores.sum()``.
+        dtype: a fixed input dtype (the CPU bar is float32 whatever ``--dtype`` says); None follows ``--dtype``.
+        fixed_size: ignore ``--scale`` (the CPU bar runs at full size).
+        devices: device types this workload runs on by default (any runs it when named explicitly).
+    """
+
+    name: str
+    layout: str
+    sizes: dict
+    description: str
+    train: bool = False
+    dtype: torch.dtype | None = None
+    fixed_size: bool = False
+    devices: tuple[str, ...] = ("cpu", "cuda", "mps")
+
+    def scaled_dims(self, scale: float) -> dict:
+        """The sizes at ``scale`` (a multiplier on the number of scored pairs)."""
+        s = dict(self.sizes)
+        if self.fixed_size or scale == 1:
+            return s
+        if self.layout == "candidates":
+            # fewer queries first; below one query, fewer candidates
+            if s["B"] * scale < 1:
+                s["C"] = max(1, round(s["B"] * s["C"] * scale))
+            s["B"] = max(1, round(s["B"] * scale))
+        elif self.layout == "all_pairs":
+            s["Nq"] = max(1, round(s["Nq"] * math.sqrt(scale)))
+            s["Nd"] = max(1, round(s["Nd"] * math.sqrt(scale)))
+        else:
+            s["Nd"] = max(1, round(s["Nd"] * scale))
+        return s
+
+    def shape_id(self, dims: dict) -> str:
+        """Readable id of a sized instance."""
+        D = dims.get("D", DIM)
+        if self.layout == "candidates":
+            return f"B{dims['B']}-C{dims['C']}-Lq{dims['Lq']}-Ld{dims['Ld']}-D{D}"
+        if self.layout == "varlen":
+            return f"Nq{dims['Nq']}-Nd{dims['Nd']}-Lq{dims['Lq']}-Ld{dims['Ld_min']}..{dims['Ld_max']}-D{D}"
+        if self.layout == "padded":
+            ld = f"Ld{dims['Ld_max']}({dims['Ld_min']}..{dims['Ld_max']})"
+            return f"Nq{dims['Nq']}-Nd{dims['Nd']}-Lq{dims['Lq']}-{ld}-D{D}"
+        return f"Nq{dims['Nq']}-Nd{dims['Nd']}-Lq{dims['Lq']}-Ld{dims['Ld']}-D{D}"
+
+    def build(
+        self, device: torch.device | str, dtype: torch.dtype, scale: float = 1.0, seed: int = 0
+    ) -> Case:
+        """Make the inputs on ``device``.
+
+        Args:
+            device: where the tensors live.
+            dtype: input dtype (overridden by the workload's own ``dtype`` when it has one).
+            scale: multiplier on the number of scored pairs (ignored when ``fixed_size``).
+            seed: generator seed; the same seed gives the same tensors on the same device type.
+
+        Returns:
+            A :class:`Case`.
+        """
+        device = torch.device(device)
+        dtype = self.dtype or dtype
+        dims = self.scaled_dims(scale)
+        D = dims.get("D", DIM)
+        gen = _generator(device, seed)
+        esz = torch.empty((), dtype=dtype).element_size()
+        lay = self.layout
+        lengths = None
+        if lay == "candidates":
+            B, C, Lq, Ld = dims["B"], dims["C"], dims["Lq"], dims["Ld"]
+            q = _tokens((B, Lq, D), gen, device, dtype)
+            d = _tokens((B, C, Ld, D), gen, device, dtype)
+            inputs = Inputs(lay, q, d)
+            pairs, q_tok, d_tok = B * C, B * Lq, B * C * Ld
+            flops = 2 * pairs * Lq * Ld * D
+            bytes_given = bytes_real = (q_tok + d_tok) * D * esz
+        elif lay in ("corpus", "all_pairs"):
+            Nq, Nd, Lq, Ld = dims["Nq"], dims["Nd"], dims["Lq"], dims["Ld"]
+            q = _tokens((Nq, Lq, D), gen, device, dtype)
+            q = q[0] if lay == "corpus" else q
+            d = _tokens((Nd, Ld, D), gen, device, dtype)
+            pairs = Nq * Nd
+            flops = 2 * pairs * Lq * Ld * D
+            bytes_given = bytes_real = (Nq * Lq + Nd * Ld) * D * esz
+            if self.train:
+                q.requires_grad_(True)
+                d.requires_grad_(True)
+                # read q and d, write their gradients
+                bytes_given = bytes_real = 2 * bytes_given
+            inputs = Inputs(lay, q, d, train=self.train)
+        else:  # varlen / padded: one query against a ragged corpus
+            Nd, Lq, lo, hi = dims["Nd"], dims["Lq"], dims["Ld_min"], dims["Ld_max"]
+            lgen = torch.Generator().manual_seed(seed + 1)
+            lengths = torch.randint(lo, hi + 1, (Nd,), generator=lgen).tolist()
+            total = sum(lengths)
+            q = _tokens((Lq, D), gen, device, dtype)
+            packed = _tokens((total, D), gen, device, dtype)
+            d_lengths = torch.tensor(lengths, dtype=torch.int64, device=device)
+            pairs = Nd
+            flops = 2 * Lq * total * D
+            bytes_real = (Lq + total) * D * esz
+            if lay == "varlen":
+                cu = torch.zeros(Nd + 1, dtype=torch.int32)
+                cu[1:] = torch.tensor(lengths).cumsum(0)
+                inputs = Inputs(
+                    lay, q, packed, d_lengths=d_lengths,
+                    cu_seqlens_q=torch.tensor([0, Lq], dtype=torch.int32, device=device),
+                    cu_seqlens_d=cu.to(device), max_seqlen_q=Lq, max_seqlen_d=max(lengths), lengths=lengths,
+                )  # fmt: skip
+                bytes_given = bytes_real + (Nd + 3) * 4
+            else:
+                # Padding holds junk with a larger norm than any real token: it wins every max unless masked.
+                padded = 4 * _tokens((Nd, hi, D), gen, device, dtype)
+                mask = torch.arange(hi, device=device) < d_lengths[:, None]
+                padded[mask] = packed
+                del packed
+                inputs = Inputs(
+                    lay, q, padded, d_lengths=d_lengths, max_seqlen_q=Lq, max_seqlen_d=max(lengths),
+                    lengths=lengths,
+                )  # fmt: skip
+                bytes_given = (Lq + Nd * hi) * D * esz + Nd * 8
+        return Case(
+            name=self.name, layout=lay, dims=dims, shape_id=self.shape_id(dims), dtype=dtype, inputs=inputs,
+            bytes_given=bytes_given, bytes_real=bytes_real, flops=flops, pairs=pairs,
+        )  # fmt: skip
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    try:
+        return torch.Generator(device=device).manual_seed(seed)
+    except RuntimeError:  # devices without their own generator: draw on the CPU
+        return torch.Generator().manual_seed(seed)
+
+
+def _tokens(shape: tuple, gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """L2-normalized Gaussian tokens (float32 draw, then cast), drawn in slabs to bound the float32 copy."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    flat = out.view(-1, shape[-1])
+    step = max(1, (1 << 26) // shape[-1])
+    gen_device = gen.device
+    for start in range(0, flat.shape[0], step):
+        n = min(step, flat.shape[0] - start)
+        x = torch.randn(n, shape[-1], generator=gen, device=gen_device, dtype=torch.float32)
+        x = torch.nn.functional.normalize(x, dim=-1)
+        flat[start : start + n] = x.to(device=device, dtype=dtype)
+    return out
+
+
+_ALL_DEVICES = ("cpu", "cuda", "mps")
+
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload(
+            "SmallRerank", "candidates", {"B": 32, "C": 10, "Lq": 32, "Ld": 180, "D": DIM},
+            "rerank 10 candidates per query, 32 queries",
+        ),
+        Workload(
+            "HeavyRerank", "candidates", {"B": 32, "C": 100, "Lq": 32, "Ld": 256, "D": DIM},
+            "rerank 100 candidates per query, 32 queries",
+        ),
+        Workload(
+            "LongDocStress", "candidates", {"B": 8, "C": 16, "Lq": 64, "Ld": 1024, "D": DIM},
+            "few long documents per query",
+        ),
+        Workload(
+            "Rerank1k", "candidates", {"B": 16, "C": 1000, "Lq": 32, "Ld": 300, "D": DIM},
+            "rerank 1000 candidates per query, 16 queries",
+        ),
+        Workload(
+            "ColPali", "corpus", {"Nq": 1, "Nd": 1000, "Lq": 1024, "Ld": 1024, "D": DIM},
+            "one page-image query against 1000 pages (FLOP-bound)",
+        ),
+        Workload(
+            "RaggedCorpus", "varlen", {"Nq": 1, "Nd": 20000, "Lq": 32, "Ld_min": 75, "Ld_max": 300, "D": DIM},
+            "one query against 20k packed documents, lengths uniform in [75, 300] (maxsim_varlen)",
+        ),
+        Workload(
+            "RaggedCorpusPadded", "padded",
+            {"Nq": 1, "Nd": 20000, "Lq": 32, "Ld_min": 75, "Ld_max": 300, "D": DIM},
+            "the RaggedCorpus documents padded to [N, 300, D] with d_lengths",
+        ),
+        Workload(
+            "InBatchTrain", "all_pairs", {"Nq": 128, "Nd": 128, "Lq": 32, "Ld": 256, "D": DIM},
+            "in-batch negatives training step: all pairs, forward + backward of scores.sum()", train=True,
+        ),
+        Workload(
+            "CpuOneQuery", "corpus", {"Nq": 1, "Nd": 1000, "Lq": 32, "Ld": 512, "D": DIM},
+            "the CPU bar: one float32 query against 1000 documents of 512 tokens, full size always",
+            dtype=torch.float32, fixed_size=True, devices=("cpu",),
+        ),
+    )
+}  # fmt: skip
+
+
+def select(names: str | list[str] | None, device_type: str) -> list[Workload]:
+    """Workloads by name (comma list, case-insensitive), or the default set for a device type.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+    """
+    if not names:
+        return [w for w in WORKLOADS.values() if device_type in w.devices]
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n.strip()]
+    lower = {k.lower(): w for k, w in WORKLOADS.items()}
+    out = []
+    for name in names:
+        w = lower.get(name.strip().lower())
+        if w is None:
+            raise ValueError(f"unknown workload {name.strip()!r}; known: {', '.join(WORKLOADS)}")
+        if w not in out:
+            out.append(w)
+    return out

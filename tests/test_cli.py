@@ -1,0 +1,241 @@
+"""The ``maxsim`` command: ``info``, ``bench`` (JSON, table, plot) and the workload registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import maxsim
+from maxsim.bench import baselines, runner
+from maxsim.bench.workloads import WORKLOADS, select
+from maxsim.cli import main
+
+SMOKE = ["--device", "cpu", "--quick", "--no-progress", "--no-memory"]
+
+
+def _env_with_package() -> dict:
+    env = dict(os.environ)
+    src = str(Path(maxsim.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_info_in_process(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for word in ("maxsim", "torch", "numpy", "python", "cpu", "backend"):
+        assert word in out
+    assert torch.__version__ in out
+
+
+def test_info_as_module():
+    proc = subprocess.run(
+        [sys.executable, "-m", "maxsim.cli", "info"], capture_output=True, text=True, env=_env_with_package(),
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "backend" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "results.json"
+    code = main(["bench", "--workloads", "SmallRerank", "--scale", "0.1", "--json", str(path), *SMOKE])
+    assert code == 0
+    return json.loads(path.read_text()), path
+
+
+def test_bench_json_keys(small_run):
+    data, _ = small_run
+    assert data["schema"].startswith("maxsim-bench/")
+    assert data["device"]["type"] == "cpu" and data["device"]["name"]
+    assert data["threads"] == torch.get_num_threads()
+    for key in ("maxsim", "torch", "triton", "numpy", "python", "peers"):
+        assert key in data["versions"]
+    assert "commit" in data["git"]
+    assert data["ceilings"]["copy"]["gbps"] > 0 and data["ceilings"]["matmul"]["tflops"] > 0
+    assert data["scale"] == 0.1
+    (entry,) = data["results"]
+    assert entry["workload"] == "SmallRerank" and entry["dtype"] == "float32" and entry["method"] == "wall"
+    assert entry["shape"] == {"B": 3, "C": 10, "Lq": 32, "Ld": 180, "D": 128}
+    assert entry["shape_id"] == "B3-C10-Lq32-Ld180-D128"
+    assert entry["flops"] == 2 * 3 * 10 * 32 * 180 * 128
+    assert entry["bytes"] == (3 * 32 + 30 * 180) * 128 * 4
+    floors = entry["floor_ms"]
+    assert floors["floor"] == max(floors["bytes"], floors["flops"]) > 0
+    assert entry["check"]["reference_rows"] >= 1
+    for name in ("maxsim", "naive"):
+        p = entry["providers"][name]
+        assert p["status"] == "ok", p
+        assert p["check"]["ok"] is True
+        ms = p["ms"]
+        assert 0 < ms["p20"] <= ms["median"] <= ms["p80"]
+        assert p["x_floor"] == pytest.approx(ms["median"] / floors["floor"])
+        assert p["gbps"] > 0 and p["tflops"] > 0
+    assert entry["providers"]["maxsim"]["vs_maxsim"] == pytest.approx(1.0)
+    assert set(entry["maxsim_speedup"]) >= {"naive"}
+    # a peer that does not do this layout is listed as skipped, with the reason
+    if "maxsim-cpu" in entry["providers"]:
+        assert entry["providers"]["maxsim-cpu"]["status"] == "skipped"
+
+
+def test_bench_prints_table_and_scale(capsys):
+    assert main(["bench", "--workloads", "smallrerank", "--scale", "0.05", *SMOKE]) == 0
+    out = capsys.readouterr().out
+    assert "scale 0.05" in out
+    assert "SmallRerank" in out and "B2-C10-Lq32-Ld180-D128" in out
+    assert "maxsim [torch]" in out and "naive" in out and "x floor" in out
+
+
+def test_default_cpu_scale_is_printed(monkeypatch, capsys):
+    monkeypatch.setattr(runner, "DEFAULT_CPU_SCALE", 0.02)
+    assert main(["bench", "--workloads", "SmallRerank", *SMOKE]) == 0
+    out = capsys.readouterr().out
+    assert "scale 0.02 (cpu default" in out
+
+
+def test_ragged_layouts_and_peer(tmp_path):
+    path = tmp_path / "ragged.json"
+    args = [
+        "bench",
+        "--workloads",
+        "RaggedCorpus,RaggedCorpusPadded",
+        "--scale",
+        "0.001",
+        "--json",
+        str(path),
+    ]
+    assert main([*args, *SMOKE]) == 0
+    data = json.loads(path.read_text())
+    by_name = {e["workload"]: e for e in data["results"]}
+    assert by_name["RaggedCorpus"]["shape_id"] == "Nq1-Nd20-Lq32-Ld75..300-D128"
+    padded = by_name["RaggedCorpusPadded"]
+    assert padded["bytes_real"] < padded["bytes"]
+    assert padded["floor_ms"]["floor_real"] <= padded["floor_ms"]["floor"]
+    for e in by_name.values():
+        for name in ("maxsim", "naive"):
+            assert e["providers"][name]["check"]["ok"], (e["workload"], name)
+        if baselines.MaxSimCpu().available(torch.device("cpu")) is None:
+            assert e["providers"]["maxsim-cpu"]["status"] == "ok"
+    assert "x_floor_real" in padded["providers"]["maxsim"]
+
+
+def test_plot_from_json(small_run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    _, path = small_run
+    png = tmp_path / "plot.png"
+    assert main(["bench", "--plot", str(png), "--from", str(path)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "SmallRerank" in capsys.readouterr().out
+
+
+def test_from_needs_plot(small_run):
+    _, path = small_run
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--from", str(path)])
+    assert exc.value.code == 2
+
+
+def test_from_rejects_other_json(tmp_path):
+    other = tmp_path / "other.json"
+    other.write_text('{"hello": 1}')
+    assert main(["bench", "--plot", str(tmp_path / "x.png"), "--from", str(other)]) == 2
+
+
+def test_unknown_workload_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--workloads", "NoSuchThing", *SMOKE])
+    assert exc.value.code == 2
+    assert "SmallRerank" in capsys.readouterr().err
+
+
+def test_wrong_provider_is_reported_not_timed(monkeypatch):
+    class Off(baselines.Provider):
+        name = "off-by-one"
+
+        def prepare(self, inp, *, graph=False):
+            return lambda: baselines.naive_fn(inp)() + 1
+
+    real = baselines.providers
+
+    def with_bad(device, **kw):
+        provs, notes = real(device, **kw)
+        return [*provs, Off()], notes
+
+    monkeypatch.setattr(runner, "providers", with_bad)
+    config = runner.Config(
+        device=torch.device("cpu"), dtypes=[torch.float32], workloads=select("SmallRerank", "cpu"), scale=0.05,
+        repeats=2, compile_mode="off", progress=False, memory=False, quick=True,
+    )  # fmt: skip
+    (entry,) = runner.run(config)["results"]
+    bad = entry["providers"]["off-by-one"]
+    assert bad["status"] == "wrong" and "ms" not in bad
+    assert bad["check"]["ok"] is False
+    assert entry["providers"]["maxsim"]["status"] == "ok"
+
+
+def test_registry_shapes_match_the_issue():
+    expect = {
+        "SmallRerank": {"B": 32, "C": 10, "Lq": 32, "Ld": 180, "D": 128},
+        "HeavyRerank": {"B": 32, "C": 100, "Lq": 32, "Ld": 256, "D": 128},
+        "LongDocStress": {"B": 8, "C": 16, "Lq": 64, "Ld": 1024, "D": 128},
+        "Rerank1k": {"B": 16, "C": 1000, "Lq": 32, "Ld": 300, "D": 128},
+        "ColPali": {"Nq": 1, "Nd": 1000, "Lq": 1024, "Ld": 1024, "D": 128},
+        "RaggedCorpus": {"Nq": 1, "Nd": 20000, "Lq": 32, "Ld_min": 75, "Ld_max": 300, "D": 128},
+        "RaggedCorpusPadded": {"Nq": 1, "Nd": 20000, "Lq": 32, "Ld_min": 75, "Ld_max": 300, "D": 128},
+        "InBatchTrain": {"Nq": 128, "Nd": 128, "Lq": 32, "Ld": 256, "D": 128},
+        "CpuOneQuery": {"Nq": 1, "Nd": 1000, "Lq": 32, "Ld": 512, "D": 128},
+    }
+    assert {k: w.sizes for k, w in WORKLOADS.items()} == expect
+    layouts = {k: w.layout for k, w in WORKLOADS.items()}
+    assert layouts["SmallRerank"] == layouts["Rerank1k"] == "candidates"
+    assert layouts["RaggedCorpus"] == "varlen" and layouts["RaggedCorpusPadded"] == "padded"
+    assert WORKLOADS["InBatchTrain"].train and layouts["InBatchTrain"] == "all_pairs"
+    bar = WORKLOADS["CpuOneQuery"]
+    assert bar.fixed_size and bar.dtype == torch.float32 and bar.scaled_dims(0.01) == bar.sizes
+    assert "CpuOneQuery" not in [w.name for w in select(None, "cuda")]
+    assert "CpuOneQuery" in [w.name for w in select(None, "cpu")]
+
+
+def test_scale_multiplies_pairs():
+    assert WORKLOADS["Rerank1k"].scaled_dims(0.05) == {"B": 1, "C": 800, "Lq": 32, "Ld": 300, "D": 128}
+    assert WORKLOADS["HeavyRerank"].scaled_dims(0.5)["B"] == 16
+    assert WORKLOADS["ColPali"].scaled_dims(0.01)["Nd"] == 10
+    assert WORKLOADS["InBatchTrain"].scaled_dims(0.25)["Nq"] == 64
+    assert WORKLOADS["SmallRerank"].scaled_dims(2)["B"] == 64
+
+
+@pytest.mark.parametrize("name", [n for n in WORKLOADS if n != "CpuOneQuery"])
+def test_inputs_and_reference_head(name):
+    """Every layout builds, its first rows' reference equals the full reference's, and maxsim agrees."""
+    w = WORKLOADS[name]
+    tiny = {"candidates": 2 / (w.sizes.get("B", 1) * w.sizes.get("C", 1)), "all_pairs": 9 / 128**2}
+    scale = tiny.get(w.layout, 3 / w.sizes.get("Nd", 1))
+    case = w.build("cpu", torch.float32, scale=scale, seed=1)
+    inp = case.inputs
+    full = runner.reference(inp)
+    head = runner.reference(inp.head(1))
+    torch.testing.assert_close(head, full[:1])
+    out = baselines.MaxSim().prepare(inp)()
+    assert out.shape == full.shape
+    check = runner.check_output(out, full, runner.tolerance(full, None, torch.float32), inp.rows)
+    assert check["ok"], check
+    naive = baselines.naive_fn(inp)()
+    assert runner.check_output(naive, full, runner.tolerance(full, None, torch.float32), inp.rows)["ok"]
+
+
+def test_low_precision_tolerance_uses_naive_error():
+    w = WORKLOADS["SmallRerank"]
+    case = w.build("cpu", torch.bfloat16, scale=2 / 320)
+    inp = case.inputs
+    ref = runner.reference(inp)
+    naive = baselines.naive_fn(inp)()
+    allowed = runner.tolerance(ref, naive, torch.bfloat16)
+    assert runner.check_output(maxsim.maxsim(inp.q[:, None], inp.d), ref, allowed, inp.rows)["ok"]
+    assert not runner.check_output(naive + 0.5, ref, allowed, inp.rows)["ok"]
