@@ -2,7 +2,8 @@
 # The GPU suite: the whole test suite on the GPU, then `maxsim bench` on it, in one command.
 #
 # Run it on the GPU machine through the device tool, from the repository root:
-#     run(command="bash scripts/gpu_suite.sh", carry=[".whl"])
+#     run(command="MAXSIM_GIT_COMMIT=<sha> bash scripts/gpu_suite.sh", carry=[".whl"])
+# with <sha> the output of `git rev-parse HEAD` here: .git does not travel, and the results JSON records it.
 # Its log and results come back under $OUT:
 #     $OUT/gpu-suite-<device>.log     everything printed (tests, info, bench table)
 #     $OUT/bench-<device>.json        the results JSON (commit it under benchmarks/results/)
@@ -48,7 +49,7 @@ JSON="$OUT/bench-$DEVICE.json"
 tests_rc=0
 bench_rc=0
 {
-    echo "== gpu_suite on $DEVICE at $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo "== gpu_suite on $DEVICE at $(date -u +%Y-%m-%dT%H:%M:%SZ), commit ${MAXSIM_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo '?')}"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
     "$PY" -m maxsim.cli info
 

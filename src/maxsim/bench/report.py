@@ -202,46 +202,49 @@ def plot(results: dict, path: str | Path) -> Path:
             "--plot needs matplotlib: pip install matplotlib (or pip install 'maxsim[plot]')"
         ) from e
     entries = results.get("results", [])
-    combos = {(e["dtype"], e["method"]) for e in entries}
-    groups = []
+    panels: dict[tuple[str, str], list[dict]] = {}
     for e in entries:
-        label = e["workload"] if len(combos) == 1 else f"{e['workload']}\n{e['dtype']} {e['method']}"
-        groups.append((label, e))
+        panels.setdefault((e["dtype"], e["method"]), []).append(e)
     names: list[str] = []
-    for _, e in groups:
+    for e in entries:
         for name, p in e["providers"].items():
             if p.get("x_floor") is not None and name not in names:
                 names.append(name)
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.3 * len(groups) + 2), 5.0))
+    n_groups = max([len(v) for v in panels.values()] or [1])
+    fig, axes = plt.subplots(
+        max(1, len(panels)), 1, figsize=(max(8.0, 1.3 * n_groups + 2), 3.6 * max(1, len(panels)) + 0.6),
+        squeeze=False,
+    )  # fmt: skip
     width = 0.8 / max(1, len(names))
-    for j, name in enumerate(names):
-        xs, ys = [], []
-        for i, (_, e) in enumerate(groups):
-            p = e["providers"].get(name, {})
-            if p.get("x_floor") is not None:
-                xs.append(i - 0.4 + width * (j + 0.5))
-                ys.append(p["x_floor"])
-        label = results.get("providers", {}).get(name, {}).get("label", name)
-        ax.bar(xs, ys, width=width, label=label)
-    ax.set_yscale("log")
-    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([g[0] for g in groups], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("time / floor (log; 1 = at the floor)")
+    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", [None])
+    for ax, ((dtype, method), group) in zip(axes[:, 0], panels.items(), strict=False):
+        for j, name in enumerate(names):
+            xs, ys = [], []
+            for i, e in enumerate(group):
+                p = e["providers"].get(name, {})
+                if p.get("x_floor") is not None:
+                    xs.append(i - 0.4 + width * (j + 0.5))
+                    ys.append(p["x_floor"])
+            label = results.get("providers", {}).get(name, {}).get("label", name)
+            ax.bar(xs, ys, width=width, label=label, color=colors[j % len(colors)])
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(len(group)))
+        ax.set_xticklabels([e["workload"] for e in group], rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("time / floor (log)")
+        ax.set_title(f"{dtype}, {method}  (1 = at the floor; lower is better)", fontsize=9)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", fontsize=8, ncol=min(len(names), 5) or 1)
     dev = results.get("device", {})
     title = f"maxsim bench: {dev.get('name', '?')}"
     if dev.get("type") == "cpu":
         title += f" ({results.get('threads')} threads)"
-    commit = (results.get("git") or {}).get("commit")
     title += f" | torch {results.get('versions', {}).get('torch')}"
+    commit = (results.get("git") or {}).get("commit")
     if commit:
         title += f" | {commit[:10]}"
-    if len(combos) == 1:
-        dtype, method = next(iter(combos))
-        title += f" | {dtype}, {method}"
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.suptitle(title, fontsize=10, x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.97 - 0.02 * (len(names) > 3)))
     path = Path(path)
     if path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -481,7 +481,7 @@ def run(config: Config) -> dict:
         for dt in dtypes:
             if (w.name, dt) not in [(c[0].name, c[1]) for c in cases]:
                 cases.append((w, dt))
-    total = 1 + len(cases) * (1 + len(provs) * (1 + len(config.methods)))
+    total = sum(1 + len(provs) * (1 + len(_methods_for(w, config))) for w, _ in cases) + 1
     progress = Progress(total, config.progress)
     result: dict = {
         "schema": SCHEMA,
@@ -511,6 +511,10 @@ def run(config: Config) -> dict:
             result["notes"].append("--quick: small ceilings, floors not comparable with full runs")
         result["ceilings"] = ceil
         progress.step("ceilings")
+        if "graph" in config.methods and any(w.train for w, _ in cases):
+            result["notes"].append(
+                "graph: training steps (forward + backward) are not captured; cold and eager only"
+            )
         if ceil["matmul"]["dtype"] == "float32" and any(dt != torch.float32 for _, dt in cases):
             result["notes"].append("the FLOP floor of float16/bfloat16 inputs uses the float32 matmul rate")
         for w, dt in cases:
@@ -581,9 +585,10 @@ def _run_case(
         progress.step(f"{tag}: check {p.name}")
 
     by_name = {p.name: p for p in provs}
-    timings: dict[str, dict[str, dict]] = {m: {} for m in config.methods}
+    methods = _methods_for(w, config)
+    timings: dict[str, dict[str, dict]] = {m: {} for m in methods}
     if device.type == "cuda":
-        for method in config.methods:
+        for method in methods:
             for name in list(fns):
                 p = by_name[name]
                 progress.step(f"{tag}: {method} {name}", 0)
@@ -607,9 +612,9 @@ def _run_case(
         progress.step(f"{tag}: timing x{repeats}", 0)
         calls = {name: (fns[name], by_name[name].env) for name in fns}
         measured = time_interleaved(calls, inp, device, repeats) if calls else {}
-        for method in config.methods:
+        for method in methods:
             timings[method] = {name: {"status": "ok", "ms": ms} for name, ms in measured.items()}
-        progress.step(f"{tag}: timing", len(provs) * len(config.methods))
+        progress.step(f"{tag}: timing", len(provs) * len(methods))
 
     memory_how = None
     if config.memory:
@@ -624,10 +629,16 @@ def _run_case(
                 _free(device)
 
     entries = []
-    for method in config.methods:
+    for method in methods:
         entries.append(_entry(case, dtype, method, status, timings[method], ceil, k, inp.rows, memory_how))
     del case, inp, fns
     return entries
+
+
+def _methods_for(w: Workload, config: Config) -> list[str]:
+    """The timing methods a workload gets: training steps are not captured in CUDA graphs."""
+    methods = [m for m in config.methods if not (w.train and m == "graph")]
+    return methods or ["cold"]
 
 
 def _time_cuda(method: str, p: Provider, step: Callable, inp: Inputs, config: Config) -> dict:
@@ -637,8 +648,6 @@ def _time_cuda(method: str, p: Provider, step: Callable, inp: Inputs, config: Co
             return {"status": "ok", "ms": time_cold(step, inp)}
         if method == "eager":
             return {"status": "ok", "ms": time_eager(step, inp, config.device, max(3, repeats // 4))}
-        if inp.train:
-            raise Unsupported("training steps are not captured")
         fn = p.prepare(inp, graph=True)
         try:
             return {"status": "ok", "ms": time_graph(fn, repeats)}

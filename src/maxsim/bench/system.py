@@ -119,9 +119,16 @@ def _cpu_name() -> str:
 
 
 def git_commit() -> dict:
-    """The commit of the source tree maxsim is imported from: ``{"commit", "dirty"}`` (None outside git)."""
+    """The commit of the source tree maxsim is imported from: ``{"commit", "dirty"}``.
+
+    Outside a git checkout (a copied working tree on a GPU machine) the commit comes from the environment
+    variable ``MAXSIM_GIT_COMMIT`` if set, else it is None.
+    """
     import maxsim
 
+    fallback = {"commit": os.environ.get("MAXSIM_GIT_COMMIT") or None, "dirty": None}
+    if fallback["commit"]:
+        fallback["source"] = "MAXSIM_GIT_COMMIT"
     where = Path(maxsim.__file__).resolve().parent
     try:
         commit = subprocess.run(
@@ -133,7 +140,7 @@ def git_commit() -> dict:
         ).stdout  # fmt: skip
         return {"commit": commit, "dirty": bool(status.strip())}
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+        return fallback
 
 
 def info_text() -> str:
