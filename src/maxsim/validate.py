@@ -36,7 +36,7 @@ def check_tokens(x, name: str, *, rank: int | None = None, allow_float64: bool =
         raise ValueError(f"{name} must have shape [..., tokens, dim] (at least 2 dims), got {tuple(x.shape)}")
     if x.shape[-1] == 0:
         raise ValueError(f"{name} has an empty embedding dim (shape {tuple(x.shape)})")
-    if rank is None and x.shape[-2] == 0:
+    if x.shape[-2] == 0:  # a shape check: it stays on with validate=False, packed tokens included
         raise ValueError(
             f"{name} has an empty token axis (shape {tuple(x.shape)}); it needs at least one token"
         )
@@ -139,14 +139,28 @@ def token_mask(
     return None
 
 
-def check_cu_seqlens(cu, name: str, total: int, tokens_name: str, *, check_values: bool) -> None:
-    """``cu`` is int32/int64 ``[N+1]``: 0, non-decreasing, no empty segment, ending at ``total``."""
+def check_cu_seqlens(
+    cu,
+    name: str,
+    total: int,
+    tokens_name: str,
+    *,
+    check_values: bool,
+    device: torch.device | None = None,
+    device_name: str = "q",
+) -> None:
+    """``cu`` is int32/int64 ``[N+1]``: 0, non-decreasing, no empty segment, ending at ``total``.
+
+    With ``device``, ``cu`` must be on it (named after ``device_name``); checked before any value is read.
+    """
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be an int32 or int64 torch.Tensor, got {type(cu).__name__}")
     if cu.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must have dtype int32 or int64, got {_dtype_name(cu.dtype)}")
     if cu.dim() != 1 or cu.shape[0] < 2:
         raise ValueError(f"{name} must have shape [N+1] with N >= 1, got {tuple(cu.shape)}")
+    if device is not None:
+        check_device(cu, name, device, device_name)
     if not check_values:
         return
     if int(cu[0]) != 0:
