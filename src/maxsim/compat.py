@@ -88,10 +88,6 @@ __all__ = [
 
 def _check_tokens(x, name: str, rank: int) -> None:
     _v.check_tokens(x, name, rank=rank, allow_float64=True)
-    if rank > 2 and x.shape[-2] == 0:
-        raise ValueError(
-            f"{name} has an empty token axis (shape {tuple(x.shape)}); it needs at least one token"
-        )
 
 
 def _check_index_tensor(x, name: str, device: torch.device, ref_name: str) -> None:
@@ -103,8 +99,10 @@ def _check_index_tensor(x, name: str, device: torch.device, ref_name: str) -> No
 
 
 def _check_offsets(offsets, name: str, tokens: torch.Tensor, tokens_name: str, *, check_values: bool) -> None:
-    _v.check_cu_seqlens(offsets, name, tokens.shape[0], tokens_name, check_values=check_values)
-    _v.check_device(offsets, name, tokens.device, tokens_name)
+    _v.check_cu_seqlens(
+        offsets, name, tokens.shape[0], tokens_name,
+        check_values=check_values, device=tokens.device, device_name=tokens_name,
+    )  # fmt: skip
 
 
 def _check_lengths(
