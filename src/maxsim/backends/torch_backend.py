@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
-CPU_BLOCK_BYTES = 4 * 2**20  # similarity blocks that stay in the CPU caches run fastest
+CPU_BLOCK_BYTES = 1 * 2**20  # similarity blocks that stay in the CPU caches run fastest
 NORMALIZE_EPS = 1e-12
 
 
@@ -62,11 +62,20 @@ def _normalize_backward(x: torch.Tensor, grad_normalized: torch.Tensor) -> torch
 
 
 def _fit(sizes: dict[str, int], cost, limit: int) -> dict[str, int]:
-    """Halve the chunk sizes, in the order of ``sizes``, until ``cost(**chunks) <= limit`` (or all are 1)."""
+    """Chunk sizes with ``cost(**chunks) <= limit``: each axis, in the order of ``sizes``, is cut to the
+    largest size that fits while the axes after it are whole (or to 1 when even 1 does not fit)."""
     chunks = {name: max(size, 1) for name, size in sizes.items()}
     for name in sizes:
-        while chunks[name] > 1 and cost(**chunks) > limit:
-            chunks[name] = (chunks[name] + 1) // 2
+        if cost(**chunks) <= limit:
+            break
+        low, high = 1, chunks[name]  # the largest size in [1, high] that fits, else 1
+        while low < high:
+            middle = (low + high + 1) // 2
+            if cost(**{**chunks, name: middle}) <= limit:
+                low = middle
+            else:
+                high = middle - 1
+        chunks[name] = low
     return chunks
 
 
@@ -75,14 +84,14 @@ def _ranges(total: int, step: int):
         yield start, min(start + step, total)
 
 
-def _similarities(d_block: torch.Tensor, q_block: torch.Tensor) -> torch.Tensor:
-    """``d_block [p, M, D]`` times ``q_block [p, N, D]`` transposed: ``[p, M, N]``.
+def _similarities(d_block: torch.Tensor, q_columns: torch.Tensor) -> torch.Tensor:
+    """``d_block [p, M, D]`` times ``q_columns [p, D, N]`` (contiguous): ``[p, M, N]``.
 
     One group goes through ``mm``: on the CPU a batched ``bmm`` of one matrix is several times slower.
     """
     if d_block.shape[0] == 1:
-        return torch.mm(d_block[0], q_block[0].T)[None]
-    return torch.bmm(d_block, q_block.transpose(1, 2))
+        return torch.mm(d_block[0], q_columns[0])[None]
+    return torch.bmm(d_block, q_columns)
 
 
 def _first_real_token(d_mask: torch.Tensor) -> torch.Tensor:
@@ -118,9 +127,11 @@ def forward_padded(
     item = torch.finfo(dtype).bits // 8
     limit = block_bytes if block_bytes is not None else _block_bytes(q.device)
 
+    copies_d = normalize or d.dtype != dtype  # else a document block is a view, not a copy
+
     def cost(p, d, q, l):  # noqa: E741 - chunk sizes named after the axes they cut
         sim = q * Lq * d * l * item
-        copies = (d * l + q * Lq) * D * item
+        copies = (d * l * copies_d + 2 * q * Lq) * D * item
         maxima = d * q * Lq * (item + 8)
         return p * (sim + copies + maxima + d * l)
 
@@ -132,11 +143,12 @@ def forward_padded(
     for p0, p1 in _ranges(P, chunk["p"]):
         for q0, q1 in _ranges(Qn, chunk["q"]):
             q_block = _prepare(q[p0:p1, q0:q1], normalize).reshape(p1 - p0, (q1 - q0) * Lq, D)
+            q_columns = q_block.transpose(1, 2).contiguous()
             for d0, d1 in _ranges(Dn, chunk["d"]):
                 best, best_index = None, None
                 for l0, l1 in _ranges(Ld, chunk["l"]):
                     d_block = _prepare(d[p0:p1, d0:d1, l0:l1], normalize)
-                    sim = _similarities(d_block.reshape(p1 - p0, -1, D), q_block)
+                    sim = _similarities(d_block.reshape(p1 - p0, -1, D), q_columns)
                     sim = sim.view(p1 - p0, d1 - d0, l1 - l0, (q1 - q0) * Lq)
                     if d_mask is not None:
                         sim.masked_fill_(~d_mask[p0:p1, d0:d1, l0:l1, None], float("-inf"))
