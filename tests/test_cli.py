@@ -46,7 +46,8 @@ def test_info_as_module():
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "results.json"
-    code = main(["bench", "--workloads", "SmallRerank", "--scale", "0.1", "--json", str(path), *SMOKE])
+    args = ["bench", "--workloads", "SmallRerank", "--scale", "0.1", "--json", str(path)]
+    code = main([*args, "--device", "cpu", "--quick", "--no-progress"])  # memory measured here
     assert code == 0
     return json.loads(path.read_text()), path
 
@@ -78,6 +79,8 @@ def test_bench_json_keys(small_run):
         assert 0 < ms["p20"] <= ms["median"] <= ms["p80"]
         assert p["x_floor"] == pytest.approx(ms["median"] / floors["floor"])
         assert p["gbps"] > 0 and p["tflops"] > 0
+        if Path("/proc/self/clear_refs").exists():
+            assert isinstance(p["peak_mem_bytes"], int) and p["peak_mem_bytes"] >= 0
     assert entry["providers"]["maxsim"]["vs_maxsim"] == pytest.approx(1.0)
     assert set(entry["maxsim_speedup"]) >= {"naive"}
     # a peer that does not do this layout is listed as skipped, with the reason

@@ -132,6 +132,9 @@ def table(results: dict) -> str:
         sp = e.get("maxsim_speedup") or {}
         if sp:
             lines.append("  maxsim speedup: " + ", ".join(f"{k} {v:.2f}x" for k, v in sp.items()))
+    if results.get("elapsed_s") is not None:
+        lines.append("")
+        lines.append(f"run took {results['elapsed_s']:.0f} s")
     return "\n".join(lines)
 
 

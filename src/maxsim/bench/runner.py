@@ -252,8 +252,10 @@ def _malloc_trim() -> None:
         pass
 
 
-def peak_memory(fn: Callable[[], object], inp: Inputs, device: torch.device) -> tuple[int | None, str]:
-    """Peak extra memory of one call (bytes) and how it was measured.
+def peak_memory(
+    fn: Callable[[], object], inp: Inputs, device: torch.device
+) -> tuple[int | None, str, object]:
+    """Peak extra memory of one call (bytes), how it was measured, and the call's output.
 
     CUDA: ``max_memory_allocated`` during the call minus what was allocated before (the outputs and, when
     training, the gradients included). CPU (Linux): growth of the resident-set high-water mark over the
@@ -269,9 +271,8 @@ def peak_memory(fn: Callable[[], object], inp: Inputs, device: torch.device) -> 
         out = fn()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-        del out
         _grads_off(inp)
-        return peak, "cuda max_memory_allocated"
+        return peak, "cuda max_memory_allocated after warm-up", out
     if device.type == "cpu" and _rss_supported():
         _grads_off(inp)
         gc.collect()
@@ -281,10 +282,9 @@ def peak_memory(fn: Callable[[], object], inp: Inputs, device: torch.device) -> 
         before = _proc_status()["VmRSS"]
         out = fn()
         peak = _proc_status()["VmHWM"] - before
-        del out
         _grads_off(inp)
-        return max(0, peak), "rss high-water growth (approx.)"
-    return None, "not measured on this device"
+        return max(0, peak), "rss high-water growth during the first call (approx.)", out
+    return None, "not measured on this device", fn()
 
 
 # ---------------------------------------------------------------------------------------------- ceilings
@@ -483,6 +483,7 @@ def run(config: Config) -> dict:
                 cases.append((w, dt))
     total = sum(1 + len(provs) * (1 + len(_methods_for(w, config))) for w, _ in cases) + 1
     progress = Progress(total, config.progress)
+    started = time.perf_counter()
     result: dict = {
         "schema": SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -523,6 +524,7 @@ def run(config: Config) -> dict:
             _free(device)
     finally:
         progress.close()
+    result["elapsed_s"] = round(time.perf_counter() - started, 1)
     return result
 
 
@@ -537,6 +539,7 @@ def _run_case(
 ) -> list[dict]:
     device = config.device
     tag = f"{w.name} {_dtype_name(dtype)}"
+    started = time.perf_counter()
     progress.step(f"{tag}: inputs", 0)
     case = w.build(device, dtype, config.scale, config.seed)
     inp = case.inputs
@@ -553,6 +556,8 @@ def _run_case(
 
     status: dict[str, dict] = {}
     fns: dict[str, Callable[[], object]] = {}
+    rss_in_check = config.memory and device.type == "cpu"
+    memory_how = None
     for p in provs:
         progress.step(f"{tag}: check {p.name}", 0)
         rec: dict = {"label": p.label}
@@ -564,7 +569,14 @@ def _run_case(
                 rec["compile_s"] = round(p.compile_s, 3)
             step = _step(fn, inp)
             _grads_off(inp)
-            out, warm = _call(step, p.env, sync)
+            if rss_in_check:  # on the CPU the check call also gives the memory: no extra (slow) call
+                with environ(p.env):
+                    t0 = time.perf_counter()
+                    peak, memory_how, out = peak_memory(step, inp, device)
+                    warm = time.perf_counter() - t0
+                rec["peak_mem_bytes"] = peak
+            else:
+                out, warm = _call(step, p.env, sync)
             _grads_off(inp)
             rec["warmup_ms"] = warm * 1e3
             rec["check"] = check_output(out, ref, allowed, inp.rows)
@@ -616,12 +628,12 @@ def _run_case(
             timings[method] = {name: {"status": "ok", "ms": ms} for name, ms in measured.items()}
         progress.step(f"{tag}: timing", len(provs) * len(methods))
 
-    memory_how = None
-    if config.memory:
+    if config.memory and not rss_in_check:
         for name in fns:
             try:
                 with environ(by_name[name].env):
-                    peak, memory_how = peak_memory(fns[name], inp, device)
+                    peak, memory_how, out = peak_memory(fns[name], inp, device)
+                del out
                 status[name]["peak_mem_bytes"] = peak
             except Exception as e:  # noqa: BLE001
                 status[name]["peak_mem_bytes"] = None
@@ -631,6 +643,8 @@ def _run_case(
     entries = []
     for method in methods:
         entries.append(_entry(case, dtype, method, status, timings[method], ceil, k, inp.rows, memory_how))
+    for entry in entries:
+        entry["elapsed_s"] = round(time.perf_counter() - started, 2)
     del case, inp, fns
     return entries
 
