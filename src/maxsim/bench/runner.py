@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import functools
 import gc
-import math
 import os
 import statistics
 import sys
@@ -205,12 +205,23 @@ def time_interleaved(
     calls: dict[str, tuple[Callable[[], object], dict | None]],
     inp: Inputs,
     device: torch.device,
-    repeats: int,
+    repeats: int | None,
+    target_s: float = 2.0,
 ) -> dict[str, dict]:
-    """CPU/MPS: ``repeats`` rounds, each timing every provider once (perf_counter), ms quantiles each."""
+    """CPU/MPS: rounds that each time every provider once (perf_counter), ms quantiles per provider.
+
+    ``repeats`` rounds; None = adaptive: rounds until ``target_s`` seconds of timed calls have passed, at
+    least ``CPU_MIN_REPEATS`` and at most ``CPU_MAX_REPEATS``.
+    """
     sync = _sync(device)
     samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
+    spent = 0.0
+    rounds = 0
+    while True:
+        if repeats is not None and rounds >= repeats:
+            break
+        if repeats is None and rounds >= CPU_MIN_REPEATS and (spent >= target_s or rounds >= CPU_MAX_REPEATS):
+            break
         for name, (fn, env) in calls.items():
             with environ(env):
                 _grads_off(inp)
@@ -218,7 +229,10 @@ def time_interleaved(
                 t0 = time.perf_counter()
                 fn()
                 sync()
-                samples[name].append((time.perf_counter() - t0) * 1e3)
+                dt = time.perf_counter() - t0
+            samples[name].append(dt * 1e3)
+            spent += dt
+        rounds += 1
     return {name: _quantiles(xs) for name, xs in samples.items()}
 
 
@@ -235,6 +249,7 @@ def _proc_status() -> dict[str, int]:
     return out
 
 
+@functools.cache
 def _rss_supported() -> bool:
     try:
         _proc_status()
@@ -254,8 +269,8 @@ def _malloc_trim() -> None:
 
 def peak_memory(
     fn: Callable[[], object], inp: Inputs, device: torch.device
-) -> tuple[int | None, str, object]:
-    """Peak extra memory of one call (bytes), how it was measured, and the call's output.
+) -> tuple[int | None, str, object, float]:
+    """Peak extra memory of one call (bytes), how it was measured, the call's output and its seconds.
 
     CUDA: ``max_memory_allocated`` during the call minus what was allocated before (the outputs and, when
     training, the gradients included). CPU (Linux): growth of the resident-set high-water mark over the
@@ -268,23 +283,29 @@ def peak_memory(
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
         out = fn()
         torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() - base
         _grads_off(inp)
-        return peak, "cuda max_memory_allocated after warm-up", out
+        return peak, "cuda max_memory_allocated after warm-up", out, seconds
     if device.type == "cpu" and _rss_supported():
-        _grads_off(inp)
-        gc.collect()
+        _grads_off(inp)  # tensors go on refcount: no gc.collect (a tenth of a second with torch loaded)
         _malloc_trim()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         before = _proc_status()["VmRSS"]
+        t0 = time.perf_counter()
         out = fn()
+        seconds = time.perf_counter() - t0
         peak = _proc_status()["VmHWM"] - before
         _grads_off(inp)
-        return max(0, peak), "rss high-water growth during the first call (approx.)", out
-    return None, "not measured on this device", fn()
+        return max(0, peak), "rss high-water growth during the first call (approx.)", out, seconds
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)()
+    return None, "not measured on this device", out, time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------- ceilings
@@ -571,9 +592,7 @@ def _run_case(
             _grads_off(inp)
             if rss_in_check:  # on the CPU the check call also gives the memory: no extra (slow) call
                 with environ(p.env):
-                    t0 = time.perf_counter()
-                    peak, memory_how, out = peak_memory(step, inp, device)
-                    warm = time.perf_counter() - t0
+                    peak, memory_how, out, warm = peak_memory(step, inp, device)
                 rec["peak_mem_bytes"] = peak
             else:
                 out, warm = _call(step, p.env, sync)
@@ -615,15 +634,10 @@ def _run_case(
                 progress.step(f"{tag}: {method} {name}")
             progress.step(f"{tag}: {method}", len(provs) - len(fns))
     else:
-        repeats = config.repeats
-        if repeats is None:
-            per_round = sum(status[n]["warmup_ms"] for n in fns) / 1e3
-            repeats = int(
-                min(CPU_MAX_REPEATS, max(CPU_MIN_REPEATS, math.ceil(CPU_TARGET_S / max(per_round, 1e-6))))
-            )
-        progress.step(f"{tag}: timing x{repeats}", 0)
+        progress.step(f"{tag}: timing", 0)
         calls = {name: (fns[name], by_name[name].env) for name in fns}
-        measured = time_interleaved(calls, inp, device, repeats) if calls else {}
+        target = CPU_TARGET_S * (2 if w.fixed_size else 1)  # the bar workload gets more samples
+        measured = time_interleaved(calls, inp, device, config.repeats, target) if calls else {}
         for method in methods:
             timings[method] = {name: {"status": "ok", "ms": ms} for name, ms in measured.items()}
         progress.step(f"{tag}: timing", len(provs) * len(methods))
@@ -632,7 +646,7 @@ def _run_case(
         for name in fns:
             try:
                 with environ(by_name[name].env):
-                    peak, memory_how, out = peak_memory(fns[name], inp, device)
+                    peak, memory_how, out, _ = peak_memory(fns[name], inp, device)
                 del out
                 status[name]["peak_mem_bytes"] = peak
             except Exception as e:  # noqa: BLE001
