@@ -96,8 +96,12 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 extra.append(str(w.dtype).replace("torch.", "") + " only")
             if w.fixed_size:
                 extra.append("full size always")
-            if w.devices != ("cpu", "cuda", "mps"):
+            if not w.devices:
+                extra.append("opt-in: name it in --workloads")
+            elif w.devices != ("cpu", "cuda", "mps"):
                 extra.append("default on " + "/".join(w.devices))
+            if w.providers:
+                extra.append("providers: " + ", ".join(w.providers))
             print(
                 f"{w.name:<20} {w.layout:<11} {dims}  {w.description}"
                 + (f" [{'; '.join(extra)}]" if extra else "")

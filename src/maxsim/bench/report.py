@@ -132,10 +132,35 @@ def table(results: dict) -> str:
         sp = e.get("maxsim_speedup") or {}
         if sp:
             lines.append("  maxsim speedup: " + ", ".join(f"{k} {v:.2f}x" for k, v in sp.items()))
+    lines.extend(bar_lines(results))
     if results.get("elapsed_s") is not None:
         lines.append("")
         lines.append(f"run took {results['elapsed_s']:.0f} s")
     return "\n".join(lines)
+
+
+def bar_lines(results: dict) -> list[str]:
+    """The bars section: each issue target read from this run, with its verdict."""
+    bars = results.get("bars") or []
+    if not bars:
+        return []
+    lines = ["", "bars (from the issues; read at full size; 3% noise allowance):"]
+    scaled = 0
+    for b in bars:
+        verdict = b["verdict"]
+        if verdict.startswith("n/a: scaled"):
+            scaled += 1
+            continue
+        mark = "PASS" if verdict.startswith("pass") else ("FAIL" if verdict == "fail" else "n/a ")
+        measured = _g(b.get("measured"))
+        extra = " (within 3%)" if "within" in verdict else (verdict[4:] if verdict.startswith("n/a") else "")
+        lines.append(
+            f"  {mark}  {b['workload']} {b['dtype']} {b['method']}: {b['metric']} {b['op']} {b['value']:g},"
+            f" measured {measured}{extra}  [{b['text']}]"
+        )
+    if scaled:
+        lines.append(f"  ({scaled} bars not read: this run is scaled; --scale 1 reads them)")
+    return lines
 
 
 def _align(rows: list[list[str]]) -> list[str]:

@@ -502,7 +502,7 @@ def run(config: Config) -> dict:
         for dt in dtypes:
             if (w.name, dt) not in [(c[0].name, c[1]) for c in cases]:
                 cases.append((w, dt))
-    total = sum(1 + len(provs) * (1 + len(_methods_for(w, config))) for w, _ in cases) + 1
+    total = sum(1 + len(_providers_for(w, provs)) * (1 + len(_methods_for(w, config))) for w, _ in cases) + 1
     progress = Progress(total, config.progress)
     started = time.perf_counter()
     result: dict = {
@@ -546,6 +546,11 @@ def run(config: Config) -> dict:
     finally:
         progress.close()
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
+    result["bars"] = [
+        {"workload": e["workload"], "dtype": e["dtype"], "method": e["method"], **b}
+        for e in result["results"]
+        for b in e.get("bars", [])
+    ]
     return result
 
 
@@ -559,6 +564,7 @@ def _run_case(
     sync: Callable[[], None],
 ) -> list[dict]:
     device = config.device
+    provs = _providers_for(w, provs)
     tag = f"{w.name} {_dtype_name(dtype)}"
     started = time.perf_counter()
     progress.step(f"{tag}: inputs", 0)
@@ -618,7 +624,16 @@ def _run_case(
     by_name = {p.name: p for p in provs}
     methods = _methods_for(w, config)
     timings: dict[str, dict[str, dict]] = {m: {} for m in methods}
-    if device.type == "cuda":
+    if w.single_call:  # the check call was the measurement
+        for method in methods:
+            for name in fns:
+                once = status[name]["warmup_ms"]
+                timings[method][name] = {
+                    "status": "ok",
+                    "ms": {"median": once, "p20": once, "p80": once, "n": 1},
+                }
+        progress.step(f"{tag}: timing", len(provs) * len(methods))
+    elif device.type == "cuda":
         for method in methods:
             for name in list(fns):
                 p = by_name[name]
@@ -642,7 +657,7 @@ def _run_case(
             timings[method] = {name: {"status": "ok", "ms": ms} for name, ms in measured.items()}
         progress.step(f"{tag}: timing", len(provs) * len(methods))
 
-    if config.memory and not rss_in_check:
+    if config.memory and not rss_in_check and not w.single_call:
         for name in fns:
             try:
                 with environ(by_name[name].env):
@@ -657,10 +672,88 @@ def _run_case(
     entries = []
     for method in methods:
         entries.append(_entry(case, dtype, method, status, timings[method], ceil, k, inp.rows, memory_how))
+    full_size = case.dims == w.sizes
     for entry in entries:
         entry["elapsed_s"] = round(time.perf_counter() - started, 2)
+        entry["single_call"] = w.single_call
+        entry["bars"] = evaluate_bars(entry, w.bars, device.type, ceil, full_size)
     del case, inp, fns
     return entries
+
+
+def _providers_for(w: Workload, provs: list[Provider]) -> list[Provider]:
+    return [p for p in provs if w.providers is None or p.name in w.providers]
+
+
+NOISE = 0.03  # BENCHMARKING.md: a bar holds within 3%, the run-to-run noise of do_bench medians
+
+
+def memory_budget() -> int:
+    """The torch backend's memory budget in bytes (``MAXSIM_MEMORY_BUDGET``, default 256 MiB)."""
+    try:
+        from maxsim.backends.torch_backend import memory_budget as budget
+
+        return int(budget())
+    except (ImportError, AttributeError):
+        return int(os.environ.get("MAXSIM_MEMORY_BUDGET") or 256 * 2**20)
+
+
+def evaluate_bars(entry: dict, bars: tuple, device_type: str, ceil: dict, full_size: bool) -> list[dict]:
+    """Check an entry's ``maxsim`` row against the issues' bars for its workload.
+
+    Each result: ``{"text", "metric", "op", "value", "measured", "verdict"}`` with verdict ``pass``,
+    ``pass (within 3%)``, ``fail`` or ``n/a: why``. Bars are read only at full size, on their device,
+    method and dtypes.
+    """
+    out = []
+    ours = entry["providers"].get("maxsim", {})
+    for bar in bars:
+        if bar.device != device_type or entry["method"] not in bar.methods:
+            continue
+        if bar.dtypes is not None and entry["dtype"] not in bar.dtypes:
+            continue
+        metrics = [bar.metric]
+        if bar.metric == "speedup:*":
+            metrics = [f"speedup:{name}" for name in entry.get("maxsim_speedup", {})]
+        for metric in metrics:
+            res = {"text": bar.text, "metric": metric, "op": bar.op, "value": bar.value, "measured": None}
+            measured, why = _bar_metric(metric, entry, ours, ceil)
+            if not full_size:
+                res["verdict"] = "n/a: scaled run (bars hold at full size)"
+            elif measured is None:
+                res["verdict"] = f"n/a: {why}"
+            else:
+                res["measured"] = measured
+                strict = measured <= bar.value if bar.op == "<=" else measured >= bar.value
+                loose = (
+                    measured <= bar.value * (1 + NOISE)
+                    if bar.op == "<="
+                    else measured >= bar.value / (1 + NOISE)
+                )
+                res["verdict"] = "pass" if strict else ("pass (within 3%)" if loose else "fail")
+            out.append(res)
+    return out
+
+
+def _bar_metric(metric: str, entry: dict, ours: dict, ceil: dict) -> tuple[float | None, str]:
+    if ours.get("status") != "ok" or "ms" not in ours:
+        return None, f"maxsim {ours.get('status', 'not run')}"
+    if metric.startswith("speedup:"):
+        peer = metric.split(":", 1)[1]
+        value = entry.get("maxsim_speedup", {}).get(peer)
+        if value is None:
+            p = entry["providers"].get(peer)
+            return None, f"{peer} {p.get('status')}" if p else f"{peer} not installed"
+        return value, ""
+    if metric == "matmul_fraction":
+        return ours["tflops"] / ceil["matmul"]["tflops"], ""
+    if metric == "peak_mem_budget":
+        peak = ours.get("peak_mem_bytes")
+        return (None, "memory not measured") if peak is None else (peak / memory_budget(), "")
+    value = ours.get(metric)
+    if value is None and metric == "x_floor_real":
+        value = ours.get("x_floor")  # unpadded layouts: the real floor is the floor
+    return value, "" if value is not None else f"no {metric}"
 
 
 def _methods_for(w: Workload, config: Config) -> list[str]:

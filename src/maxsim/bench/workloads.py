@@ -119,6 +119,51 @@ class Case:
 
 
 @dataclass(frozen=True)
+class Bar:
+    """A target from the issues, checked on a full-size run of its workload (see ``runner.evaluate_bars``).
+
+    Attributes:
+        metric: what of the ``maxsim`` row is compared: ``x_floor``, ``x_floor_real``, ``matmul_fraction``
+            (TFLOP/s over the run's matmul rate), ``speedup:<provider>`` (that provider's ms over maxsim's;
+            ``speedup:*`` = every baseline timed in the entry) or ``peak_mem_budget`` (peak extra memory
+            over the torch backend's memory budget).
+        op: ``<=`` or ``>=``.
+        value: the target.
+        device: device type the bar is about.
+        methods: timing methods it is read from.
+        dtypes: input dtypes it holds for (None = any).
+        text: the wording of the issue.
+    """
+
+    metric: str
+    op: str
+    value: float
+    device: str
+    methods: tuple[str, ...]
+    dtypes: tuple[str, ...] | None
+    text: str
+
+
+_GPU16 = ("float16", "bfloat16")
+
+
+def _gpu_bar(metric: str, op: str, value: float, text: str, methods=("cold",), dtypes=_GPU16) -> Bar:
+    return Bar(metric, op, value, "cuda", methods, dtypes, text)
+
+
+def _never_slower() -> tuple[Bar, ...]:
+    text = "never slower than naive, torch.compile, flash-maxsim or late-interaction-kernels (issue 4)"
+    return (_gpu_bar("speedup:*", ">=", 1.0, text),)
+
+
+def _peers_in(method: str, text: str) -> tuple[Bar, ...]:
+    return tuple(
+        _gpu_bar(f"speedup:{peer}", ">=", 1.0, text, methods=(method,))
+        for peer in ("flash-maxsim", "late-interaction-kernels")
+    )
+
+
+@dataclass(frozen=True)
 class Workload:
     """A named workload of the registry.
 
@@ -132,6 +177,9 @@ class Workload:
         dtype: a fixed input dtype (the CPU bar is float32 whatever ``--dtype`` says); None follows ``--dtype``.
         fixed_size: ignore ``--scale`` (the CPU bar runs at full size).
         devices: device types this workload runs on by default (any runs it when named explicitly).
+        bars: the issues' targets for this workload (checked when it runs at full size).
+        providers: only these providers run it (None = all); for shapes whose baselines cannot fit.
+        single_call: the check call is the measurement (time and memory): for runs too long to repeat.
     """
 
     name: str
@@ -142,6 +190,9 @@ class Workload:
     dtype: torch.dtype | None = None
     fixed_size: bool = False
     devices: tuple[str, ...] = ("cpu", "cuda", "mps")
+    bars: tuple[Bar, ...] = ()
+    providers: tuple[str, ...] | None = None
+    single_call: bool = False
 
     def scaled_dims(self, scale: float) -> dict:
         """The sizes at ``scale`` (a multiplier on the number of scored pairs)."""
@@ -276,37 +327,57 @@ def _tokens(shape: tuple, gen: torch.Generator, device: torch.device, dtype: tor
 
 _ALL_DEVICES = ("cpu", "cuda", "mps")
 
+_SMALL_BARS = (
+    _gpu_bar("x_floor", "<=", 1.5, "<= 1.5x floor, L2 flushed (issue 4)"),
+    *_peers_in("graph", "faster than both peers in a CUDA-graph replay (issue 4)"),
+    *_peers_in("eager", "eager call time no slower than either peer (issue 4)"),
+    *_never_slower(),
+)
+
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in (
         Workload(
             "SmallRerank", "candidates", {"B": 32, "C": 10, "Lq": 32, "Ld": 180, "D": DIM},
-            "rerank 10 candidates per query, 32 queries",
+            "rerank 10 candidates per query, 32 queries", bars=_SMALL_BARS,
         ),
         Workload(
             "HeavyRerank", "candidates", {"B": 32, "C": 100, "Lq": 32, "Ld": 256, "D": DIM},
             "rerank 100 candidates per query, 32 queries",
+            bars=(_gpu_bar("x_floor", "<=", 1.05, "<= 1.05x floor (issue 4)"), *_never_slower()),
         ),
         Workload(
             "LongDocStress", "candidates", {"B": 8, "C": 16, "Lq": 64, "Ld": 1024, "D": DIM},
-            "few long documents per query",
+            "few long documents per query", bars=_SMALL_BARS,
         ),
         Workload(
             "Rerank1k", "candidates", {"B": 16, "C": 1000, "Lq": 32, "Ld": 300, "D": DIM},
             "rerank 1000 candidates per query, 16 queries",
+            bars=(_gpu_bar("x_floor", "<=", 1.0, "<= 1.0x floor (issue 4)"), *_never_slower()),
         ),
         Workload(
             "ColPali", "corpus", {"Nq": 1, "Nd": 1000, "Lq": 1024, "Ld": 1024, "D": DIM},
             "one page-image query against 1000 pages (FLOP-bound)",
+            bars=(
+                _gpu_bar(
+                    "matmul_fraction", ">=", 0.70, ">= 70% of the bf16 matmul TFLOP/s (issue 4)",
+                    dtypes=("bfloat16",),
+                ),
+                *_never_slower(),
+            ),
         ),
         Workload(
             "RaggedCorpus", "varlen", {"Nq": 1, "Nd": 20000, "Lq": 32, "Ld_min": 75, "Ld_max": 300, "D": DIM},
             "one query against 20k packed documents, lengths uniform in [75, 300] (maxsim_varlen)",
+            bars=(_gpu_bar("x_floor_real", "<=", 1.05, "<= 1.05x the floor of its real bytes (issue 4)"),
+                  *_never_slower()),
         ),
         Workload(
             "RaggedCorpusPadded", "padded",
             {"Nq": 1, "Nd": 20000, "Lq": 32, "Ld_min": 75, "Ld_max": 300, "D": DIM},
             "the RaggedCorpus documents padded to [N, 300, D] with d_lengths",
+            bars=(_gpu_bar("x_floor_real", "<=", 1.1, "padded: <= 1.1x the ragged floor (issue 4)"),
+                  *_never_slower()),
         ),
         Workload(
             "InBatchTrain", "all_pairs", {"Nq": 128, "Nd": 128, "Lq": 32, "Ld": 256, "D": DIM},
@@ -316,6 +387,16 @@ WORKLOADS: dict[str, Workload] = {
             "CpuOneQuery", "corpus", {"Nq": 1, "Nd": 1000, "Lq": 32, "Ld": 512, "D": DIM},
             "the CPU bar: one float32 query against 1000 documents of 512 tokens, full size always",
             dtype=torch.float32, fixed_size=True, devices=("cpu",),
+            bars=(Bar("speedup:maxsim-cpu", ">=", 2.0, "cpu", ("wall",), ("float32",),
+                      "the default backend >= 2x faster than maxsim-cpu (issue 3)"),),
+        ),
+        Workload(
+            "ColPali10k", "corpus", {"Nq": 1, "Nd": 10000, "Lq": 1024, "Ld": 1024, "D": DIM},
+            "the CPU memory bar: one ColPali query against 10,000 pages, maxsim only, one call (opt-in: "
+            "5 GiB of float32 inputs)",
+            dtype=torch.float32, fixed_size=True, devices=(), providers=("maxsim",), single_call=True,
+            bars=(Bar("peak_mem_budget", "<=", 1.1, "cpu", ("wall",), None,
+                      "peak extra memory <= 1.1x the default memory budget (issue 3)"),),
         ),
     )
 }  # fmt: skip
