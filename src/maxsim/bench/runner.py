@@ -53,7 +53,8 @@ EAGER_CALLS = 100
 METHODS = {
     "cold": "do_bench median, L2 flushed between calls",
     "graph": f"CUDA graph of {GRAPH_CALLS} calls replayed, per call (warm L2, no host overhead)",
-    "eager": f"wall clock around {EAGER_CALLS} back-to-back public calls, synchronized, per call",
+    "eager": f"wall clock around {EAGER_CALLS} back-to-back public calls (validate=True; max_seqlen passed "
+    "where an API takes it), synchronized, per call",
     "wall": "time.perf_counter per call, providers interleaved, after one warm-up",
 }
 
