@@ -35,8 +35,8 @@ def memory_budget() -> int:
     return budget
 
 
-def _block_bytes(device: torch.device) -> int:
-    budget = memory_budget()
+def _similarity_block_bytes(device: torch.device, budget: int) -> int:
+    """The size of the similarity blocks: cache-sized on the CPU, the whole budget elsewhere."""
     return min(budget, CPU_BLOCK_BYTES) if device.type == "cpu" else budget
 
 
@@ -61,17 +61,17 @@ def _normalize_backward(x: torch.Tensor, grad_normalized: torch.Tensor) -> torch
     )
 
 
-def _fit(sizes: dict[str, int], cost, limit: int) -> dict[str, int]:
-    """Chunk sizes with ``cost(**chunks) <= limit``: each axis, in the order of ``sizes``, is cut to the
-    largest size that fits while the axes after it are whole (or to 1 when even 1 does not fit)."""
+def _fit(sizes: dict[str, int], fits) -> dict[str, int]:
+    """Chunk sizes with ``fits(**chunks)``: each axis, in the order of ``sizes``, is cut to the largest
+    size that fits while the axes after it are whole (or to 1 when even 1 does not fit)."""
     chunks = {name: max(size, 1) for name, size in sizes.items()}
     for name in sizes:
-        if cost(**chunks) <= limit:
+        if fits(**chunks):
             break
         low, high = 1, chunks[name]  # the largest size in [1, high] that fits, else 1
         while low < high:
             middle = (low + high + 1) // 2
-            if cost(**{**chunks, name: middle}) <= limit:
+            if fits(**{**chunks, name: middle}):
                 low = middle
             else:
                 high = middle - 1
@@ -107,7 +107,7 @@ def forward_padded(
     *,
     normalize: bool,
     need_argmax: bool,
-    block_bytes: int | None = None,
+    budget: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """MaxSim of every query of a group against every document of the same group (no autograd).
 
@@ -115,7 +115,8 @@ def forward_padded(
         q: ``[P, Qn, Lq, D]``; d: ``[P, Dn, Ld, D]``, one float dtype (any strides).
         q_mask: bool ``[P, Qn, Lq]`` or None; d_mask: bool ``[P, Dn, Ld]`` or None (True = real).
         need_argmax: also return the argmax (slower than a plain max).
-        block_bytes: the most bytes of temporaries a block may hold (default: the device's block size).
+        budget: the most bytes of temporaries a block may hold (default: ``memory_budget()``); on the CPU
+            the similarities of a block are further kept cache-sized.
 
     Returns:
         scores float32 (float64 for float64 inputs) ``[P, Qn, Dn]`` and int32 argmax ``[P, Qn, Dn, Lq]``
@@ -125,17 +126,18 @@ def forward_padded(
     Dn, Ld = d.shape[1], d.shape[2]
     dtype = _compute_dtype(q.dtype)
     item = torch.finfo(dtype).bits // 8
-    limit = block_bytes if block_bytes is not None else _block_bytes(q.device)
+    budget = memory_budget() if budget is None else budget
+    similarity_limit = _similarity_block_bytes(q.device, budget)
 
     copies_d = normalize or d.dtype != dtype  # else a document block is a view, not a copy
 
-    def cost(p, d, q, l):  # noqa: E741 - chunk sizes named after the axes they cut
-        sim = q * Lq * d * l * item
+    def fits(p, d, q, l):  # noqa: E741 - chunk sizes named after the axes they cut
+        sim = p * q * Lq * d * l * item
         copies = (d * l * copies_d + 2 * q * Lq) * D * item
         maxima = d * q * Lq * (item + 8)
-        return p * (sim + copies + maxima + d * l)
+        return sim <= similarity_limit and sim + p * (copies + maxima + d * l) <= budget
 
-    chunk = _fit({"p": P, "d": Dn, "q": Qn, "l": Ld}, cost, limit)
+    chunk = _fit({"p": P, "d": Dn, "q": Qn, "l": Ld}, fits)
     if chunk["l"] < Ld:
         chunk["d"] = 1  # a block cuts one document's tokens, or holds whole documents
     scores = torch.empty(P, Qn, Dn, dtype=dtype, device=q.device)
@@ -204,11 +206,11 @@ def backward_padded(
     dtype = _compute_dtype(q.dtype)
     item = torch.finfo(dtype).bits // 8
 
-    def cost(p, d, q):
+    def fits(p, d, q):
         gathered = 2 * q * d * Lq * D * item  # winning tokens and their weighted copies
-        return p * (gathered + 2 * d * Ld * D * item + q * Lq * D * item)
+        return p * (gathered + 2 * d * Ld * D * item + q * Lq * D * item) <= memory_budget()
 
-    chunk = _fit({"p": P, "d": Dn, "q": Qn}, cost, memory_budget())
+    chunk = _fit({"p": P, "d": Dn, "q": Qn}, fits)
     grad_scores = grad_scores.to(dtype)
     dq_normalized = torch.zeros(P, Qn, Lq, D, dtype=dtype, device=q.device) if need_dq else None
     dd = torch.empty_like(d, memory_format=torch.contiguous_format) if need_dd else None
@@ -303,9 +305,8 @@ def forward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq, max_ld, normalize,
         scores ``[Nq, Nd]`` or ``[P]`` and int32 argmax ``[..., max_lq]`` (-1 beyond a query) or None.
     """
     D = q.shape[-1]
-    budget = _block_bytes(q.device)
     item = torch.finfo(_compute_dtype(q.dtype)).bits // 8
-    gather_limit = max(budget // 2, 1)
+    gather_limit = max(memory_budget() // 2, 1)  # padded copies; the blocks scored from them get the rest
     if q_ids is None:  # all pairs: every query against blocks of padded documents
         nq, nd = cu_q.shape[0] - 1, cu_d.shape[0] - 1
         positions, q_mask = _sequence_tokens(cu_q, torch.arange(nq, device=q.device), max_lq)
@@ -317,7 +318,7 @@ def forward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq, max_ld, normalize,
             positions, d_mask = _sequence_tokens(cu_d, torch.arange(d0, d1, device=q.device), max_ld)
             s, a = forward_padded(
                 q_padded, d[positions][None], q_mask[None], d_mask[None],
-                normalize=normalize, need_argmax=need_argmax, block_bytes=gather_limit,
+                normalize=normalize, need_argmax=need_argmax, budget=gather_limit,
             )  # fmt: skip
             scores[:, d0:d1] = s[0]
             if need_argmax:
@@ -332,7 +333,7 @@ def forward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq, max_ld, normalize,
         d_positions, d_mask = _sequence_tokens(cu_d, d_ids[p0:p1], max_ld)
         s, a = forward_padded(
             q[q_positions][:, None], d[d_positions][:, None], q_mask[:, None], d_mask[:, None],
-            normalize=normalize, need_argmax=need_argmax, block_bytes=gather_limit,
+            normalize=normalize, need_argmax=need_argmax, budget=gather_limit,
         )  # fmt: skip
         scores[p0:p1] = s[:, 0, 0]
         if need_argmax:
