@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from types import ModuleType
 
@@ -13,8 +14,19 @@ import torch
 NAMES = ("torch", "triton", "reference")
 
 
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # not installed, or broken: the torch backend serves
+        return False
+    return True
+
+
 def backend_name(device: torch.device) -> str:
-    """The backend a device gets by default: the torch backend everywhere until the GPU kernels land."""
+    """The backend a device gets by default: Triton on CUDA/ROCm devices when triton is installed, else torch."""
+    if device.type == "cuda" and _triton_available():
+        return "triton"
     return "torch"
 
 
@@ -30,5 +42,7 @@ def get_backend(device: torch.device) -> ModuleType:
 
         return reference_backend
     if name == "triton":
-        raise NotImplementedError("MAXSIM_BACKEND=triton: the Triton kernels are not part of this build yet")
+        from . import triton as triton_backend
+
+        return triton_backend
     raise ValueError(f"MAXSIM_BACKEND must be one of {', '.join(NAMES)}, got {name!r}")

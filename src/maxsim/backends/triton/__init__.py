@@ -1,0 +1,69 @@
+"""Triton backend: the GPU kernels (NVIDIA; ROCm untested), with the torch backend's signature.
+
+Files: ``forward.py`` (the strided padded family), ``varlen.py`` (packed sequences), ``configs.py`` (launch
+configurations by architecture and shape class), ``ops.py`` (``torch.library`` custom ops, fake kernels,
+autograd). The backward (issue 5) is the torch backend's, run from the saved int32 argmax.
+
+Without a GPU the kernels run in the Triton interpreter: importing this package on a machine where torch
+sees no CUDA device sets ``TRITON_INTERPRET=1`` (unless it is set already) before the kernels are defined.
+float64 inputs, and CPU tensors on a machine whose kernels are compiled for the GPU, go to the torch
+backend.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .. import torch_backend  # noqa: E402
+from . import ops  # noqa: E402, F401  (registers maxsim::fwd_padded, maxsim::fwd_varlen and their backward)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _kernels_run_on(device: torch.device, dtype: torch.dtype) -> bool:
+    if dtype == torch.float64:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and INTERPRETED)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def maxsim_padded(q, d, q_mask, d_mask, *, normalize: bool, return_argmax: bool):
+    """Backend entry point for padded groups (see ``torch_backend.forward_padded`` for shapes).
+
+    Args:
+        q: ``[P, Qn, Lq, D]``; d: ``[P, Dn, Ld, D]`` (any strides); q_mask / d_mask: bool or None.
+
+    Returns:
+        scores float32 ``[P, Qn, Dn]`` and int32 argmax ``[P, Qn, Dn, Lq]`` or None.
+    """
+    if not _kernels_run_on(q.device, q.dtype):
+        return torch_backend.maxsim_padded(
+            q, d, q_mask, d_mask, normalize=normalize, return_argmax=return_argmax
+        )
+    want = return_argmax or _needs_grad(q, d)
+    scores, argmax = torch.ops.maxsim.fwd_padded(q, d, q_mask, d_mask, normalize, want)
+    return scores, (argmax if return_argmax else None)
+
+
+def maxsim_varlen(
+    q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq: int, max_ld: int, normalize: bool, return_argmax: bool
+):
+    """Backend entry point for packed sequences (see ``torch_backend.forward_varlen`` for shapes)."""
+    if not _kernels_run_on(q.device, q.dtype):
+        return torch_backend.maxsim_varlen(
+            q, cu_q, d, cu_d, q_ids, d_ids,
+            max_lq=max_lq, max_ld=max_ld, normalize=normalize, return_argmax=return_argmax,
+        )  # fmt: skip
+    want = return_argmax or _needs_grad(q, d)
+    scores, argmax = torch.ops.maxsim.fwd_varlen(
+        q, cu_q, d, cu_d, q_ids, d_ids, max_lq, max_ld, normalize, want
+    )
+    return scores, (argmax if return_argmax else None)

@@ -1,0 +1,105 @@
+"""Launch configurations of the Triton forward kernels: a table keyed by (architecture, shape class).
+
+Deterministic at call time (no autotuning inside a call, so CUDA-graph capture and ``torch.compile`` see
+the same launch every time). ``scripts/autotune_configs.py`` regenerates the sm_90 rows on a GPU and
+prints the table to paste here.
+
+The sm_90 rows (H100/H200) are tuned and tested there. Every other architecture (and the Triton
+interpreter on the CPU) gets ``DEFAULT``: a conservative configuration, correct everywhere, untested for
+speed.
+
+Shape classes (``shape_class``):
+
+- ``rerank``: ``Lq <= 64`` (bytes-bound: few query rows share each document);
+- ``mid``: ``64 < Lq < 256``;
+- ``flops``: ``Lq >= 256`` (ColPali-like, FLOP-bound);
+
+each with a ``-f32`` variant for float32 inputs (twice the bytes per element: smaller tiles) and a ``-wide``
+variant for ``D > 256`` (the query tile no longer stays in registers).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    """One launch configuration of the forward kernels.
+
+    Attributes:
+        block_q: query tokens per program (a power of two >= 16; cut to ``Lq`` rounded up).
+        block_l: document tokens per tile (power of two >= 16).
+        block_d: embedding columns per tile (power of two >= 16); ``D <= block_d`` keeps the query tile
+            in registers for the whole document.
+        docs: documents per program (the query tile is loaded once for all of them).
+        num_warps, num_stages: Triton launch options.
+        split_waves: split the document axis when the grid has fewer than ``split_waves`` programs per
+            multiprocessor.
+        min_split_tiles: each split covers at least this many ``block_l`` tiles.
+    """
+
+    block_q: int = 64
+    block_l: int = 64
+    block_d: int = 64
+    docs: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+    split_waves: float = 2.0
+    min_split_tiles: int = 2
+
+
+DEFAULT = FwdConfig()
+
+# Regenerate with `python scripts/autotune_configs.py` on an sm_90 GPU. Keys: (arch, shape class).
+# BEGIN TABLE
+TABLE: dict[tuple[str, str], FwdConfig] = {
+    ("sm_90", "rerank"): FwdConfig(32, 64, 128, 1, 4, 3, 2.0, 2),
+    ("sm_90", "mid"): FwdConfig(64, 64, 128, 1, 4, 3, 2.0, 2),
+    ("sm_90", "flops"): FwdConfig(128, 128, 128, 1, 8, 3, 1.0, 2),
+    ("sm_90", "rerank-f32"): FwdConfig(32, 64, 64, 1, 4, 2, 2.0, 2),
+    ("sm_90", "mid-f32"): FwdConfig(64, 64, 64, 1, 4, 2, 2.0, 2),
+    ("sm_90", "flops-f32"): FwdConfig(64, 64, 64, 1, 4, 2, 1.0, 2),
+    ("sm_90", "rerank-wide"): FwdConfig(32, 64, 128, 1, 4, 3, 2.0, 2),
+    ("sm_90", "mid-wide"): FwdConfig(64, 64, 128, 1, 4, 3, 2.0, 2),
+    ("sm_90", "flops-wide"): FwdConfig(128, 64, 128, 1, 8, 3, 1.0, 2),
+    ("sm_90", "rerank-wide-f32"): FwdConfig(32, 64, 64, 1, 4, 2, 2.0, 2),
+    ("sm_90", "mid-wide-f32"): FwdConfig(64, 64, 64, 1, 4, 2, 2.0, 2),
+    ("sm_90", "flops-wide-f32"): FwdConfig(64, 64, 64, 1, 4, 2, 1.0, 2),
+}
+# END TABLE
+
+
+def shape_class(lq: int, dim: int, dtype: torch.dtype) -> str:
+    """The table's shape class of a problem with ``lq`` query tokens of ``dim`` columns."""
+    name = "rerank" if lq <= 64 else ("mid" if lq < 256 else "flops")
+    if dim > 256:
+        name += "-wide"
+    if dtype == torch.float32:
+        name += "-f32"
+    return name
+
+
+@functools.cache
+def _device_info(device_type: str, index: int | None) -> tuple[str, int]:
+    """(arch, multiprocessor count) of a device; the interpreter (CPU) gets ("cpu", 4)."""
+    if device_type != "cuda":
+        return "cpu", 4
+    props = torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device())
+    if getattr(torch.version, "hip", None):
+        return f"gfx-{props.gcnArchName}", props.multi_processor_count
+    return f"sm_{props.major}{props.minor}", props.multi_processor_count
+
+
+def device_info(device: torch.device) -> tuple[str, int]:
+    """(arch such as ``sm_90``, number of multiprocessors) of ``device``."""
+    return _device_info(device.type, device.index)
+
+
+def forward_config(device: torch.device, lq: int, dim: int, dtype: torch.dtype) -> FwdConfig:
+    """The configuration of the table for this device and problem (``DEFAULT`` when absent)."""
+    arch, _ = device_info(device)
+    return TABLE.get((arch, shape_class(lq, dim, dtype)), DEFAULT)

@@ -1,0 +1,344 @@
+"""Strided padded forward kernels: ``q [P, Qn, Lq, D]`` against ``d [P, Dn, Ld, D]``, any strides.
+
+A program scores one block of ``BLOCK_Q`` query tokens of query ``(p, qi)`` against ``DOCS`` documents
+of group ``p`` (or one split of their tokens), reading the views in place: a broadcast dim is a zero
+stride, offsets are int64. It keeps a running maximum (and its first index) per query token over tiles
+of ``BLOCK_L`` document tokens, each a ``tl.dot`` of ``[BLOCK_Q, BLOCK_D] x [BLOCK_D, BLOCK_L]`` summed
+over the ``D`` axis in ``BLOCK_D`` chunks. Masked document tokens are neither loaded nor able to win.
+
+Combining pieces is deterministic (no atomics): query blocks write partial sums that one torch sum adds;
+document splits write per-token partial maxima that ``_maxsim_combine_kernel`` reduces in split order.
+
+Semantics (as ``maxsim.reference``): the first maximal token wins; a NaN similarity wins (the first NaN);
+when every real similarity is -inf the first real token wins; a document without a real token scores
+-inf with argmax -1; masked query tokens add 0 and have argmax -1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import FwdConfig, device_info, forward_config
+
+EPS = 1e-12
+INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+BIG = 2**30  # "no index" inside a tile reduction
+MASKED_QUERY = -2  # partial argmax of a query token that takes no part (combined to -1, score 0)
+
+
+@triton.jit
+def _nanmax(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _load_query(
+    q_rows, q_in, D, sq_k,
+    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr, SINGLE_D: tl.constexpr,
+):  # fmt: skip
+    """The query tile (when ``D <= BLOCK_D``) and the inverse norms of its rows (1 unless NORMALIZE)."""
+    offs_k = tl.arange(0, BLOCK_D)
+    q_tile = tl.load(q_rows + offs_k[None, :] * sq_k, mask=q_in[:, None] & (offs_k[None, :] < D), other=0.0)
+    q_inv = tl.full([BLOCK_Q], 1.0, tl.float32)
+    if NORMALIZE:
+        if SINGLE_D:
+            qf = q_tile.to(tl.float32)
+            sq = tl.sum(qf * qf, 1)
+        else:
+            sq = tl.zeros([BLOCK_Q], tl.float32)
+            for k0 in range(0, D, BLOCK_D):
+                kk = k0 + offs_k
+                qf = tl.load(q_rows + kk[None, :] * sq_k, mask=q_in[:, None] & (kk[None, :] < D), other=0.0)
+                qf = qf.to(tl.float32)
+                sq += tl.sum(qf * qf, 1)
+        q_inv = 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)
+    return q_tile, q_inv
+
+
+@triton.jit
+def _doc_best(
+    q_tile, q_rows, q_in, q_inv, d_base, dm_base, l_lo, l_hi, D, sq_k, sd_l, sd_k, sdm_l,
+    BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DMASK: tl.constexpr,
+    NORMALIZE: tl.constexpr, ARGMAX: tl.constexpr, SINGLE_D: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Running max (NaN wins) and its first index per query row over document tokens ``[l_lo, l_hi)``."""
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_k = tl.arange(0, BLOCK_D)
+    best = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    best_idx = tl.full([BLOCK_Q], -1, tl.int32)
+    for l0 in range(l_lo, l_hi, BLOCK_L):
+        offs = l0 + offs_l
+        real = offs < l_hi
+        if HAS_DMASK:
+            dm = tl.load(dm_base + offs.to(tl.int64) * sdm_l, mask=real, other=0)
+            real = real & (dm != 0)
+        d_cols = d_base + offs.to(tl.int64)[None, :] * sd_l
+        if SINGLE_D:
+            d_tile = tl.load(
+                d_cols + offs_k[:, None] * sd_k, mask=real[None, :] & (offs_k[:, None] < D), other=0.0
+            )
+            acc = tl.dot(q_tile, d_tile, input_precision=PREC)
+            if NORMALIZE:
+                df = d_tile.to(tl.float32)
+                d_sq = tl.sum(df * df, 0)
+        else:
+            acc = tl.zeros([BLOCK_Q, BLOCK_L], tl.float32)
+            d_sq = tl.zeros([BLOCK_L], tl.float32)
+            for k0 in range(0, D, BLOCK_D):
+                kk = k0 + offs_k
+                qt = tl.load(q_rows + kk[None, :] * sq_k, mask=q_in[:, None] & (kk[None, :] < D), other=0.0)
+                dt = tl.load(d_cols + kk[:, None] * sd_k, mask=real[None, :] & (kk[:, None] < D), other=0.0)
+                acc = tl.dot(qt, dt, acc, input_precision=PREC)
+                if NORMALIZE:
+                    df = dt.to(tl.float32)
+                    d_sq += tl.sum(df * df, 0)
+        if NORMALIZE:
+            d_inv = 1.0 / tl.maximum(tl.sqrt(d_sq), 1e-12)
+            acc = acc * q_inv[:, None] * d_inv[None, :]
+        sim = tl.where(real[None, :], acc, float("-inf"))
+        if INTERPRETED:  # the interpreter runs a custom reduction element by element: built-ins instead
+            tile_nan = tl.max((sim != sim).to(tl.int32), 1) > 0
+            tile_max = tl.where(tile_nan, float("nan"), tl.max(sim, 1))
+        else:
+            tile_max = tl.reduce(sim, 1, _nanmax)
+        if ARGMAX:
+            tile_nan = tile_max != tile_max
+            hit = real[None, :] & ((sim == tile_max[:, None]) | ((sim != sim) & tile_nan[:, None]))
+            tile_idx = tl.min(tl.where(hit, offs[None, :], 2**30), 1)
+            take = (tile_idx < 2**30) & ((best_idx < 0) | (tile_max > best) | (tile_nan & (best == best)))
+            best = tl.where(take, tile_max, best)
+            best_idx = tl.where(take, tile_idx, best_idx)
+        else:
+            best = _nanmax(best, tile_max)
+    return best, best_idx
+
+
+@triton.jit
+def _write_best(
+    best, best_idx, q_real, offs_q, row, split, R, score_ptr, argmax_ptr, pmax_ptr, pidx_ptr, qb, LQ_OUT,
+    ARGMAX: tl.constexpr, PARTIAL: tl.constexpr,
+):  # fmt: skip
+    """Store one query block's result: per-token partial maxima (PARTIAL) or its sum and argmax."""
+    store = offs_q < LQ_OUT
+    if PARTIAL:
+        off = (split.to(tl.int64) * R + row) * LQ_OUT + offs_q
+        tl.store(pmax_ptr + off, tl.where(q_real, best, 0.0), mask=store)
+        if ARGMAX:
+            tl.store(pidx_ptr + off, tl.where(q_real, best_idx, -2), mask=store)
+    else:
+        total = tl.sum(tl.where(q_real, best, 0.0), 0)
+        tl.store(score_ptr + qb.to(tl.int64) * R + row, total)
+        if ARGMAX:
+            tl.store(argmax_ptr + row * LQ_OUT + offs_q, tl.where(q_real, best_idx, -1), mask=store)
+
+
+@triton.jit
+def _maxsim_fwd_kernel(
+    q_ptr, d_ptr, qm_ptr, dm_ptr, score_ptr, argmax_ptr, pmax_ptr, pidx_ptr,
+    Qn, Dn, Lq, Ld, D, R,
+    sq_p, sq_n, sq_l, sq_k, sd_p, sd_n, sd_l, sd_k, sqm_p, sqm_n, sqm_l, sdm_p, sdm_n, sdm_l,
+    n_qb, n_split, n_doc_blocks, split_len,
+    BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, DOCS: tl.constexpr,
+    HAS_QMASK: tl.constexpr, HAS_DMASK: tl.constexpr, NORMALIZE: tl.constexpr, ARGMAX: tl.constexpr,
+    PARTIAL: tl.constexpr, SINGLE_D: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    qb = pid % n_qb
+    rest = pid // n_qb
+    split = rest % n_split
+    rest = rest // n_split
+    nb = rest % n_doc_blocks
+    pq = rest // n_doc_blocks
+    qi = pq % Qn
+    p = pq // Qn
+    p64 = p.to(tl.int64)
+    qi64 = qi.to(tl.int64)
+
+    offs_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_in = offs_q < Lq
+    q_rows = q_ptr + p64 * sq_p + qi64 * sq_n + offs_q.to(tl.int64)[:, None] * sq_l
+    q_real = q_in
+    if HAS_QMASK:
+        qm = tl.load(qm_ptr + p64 * sqm_p + qi64 * sqm_n + offs_q.to(tl.int64) * sqm_l, mask=q_in, other=0)
+        q_real = q_in & (qm != 0)
+    q_tile, q_inv = _load_query(q_rows, q_in, D, sq_k, BLOCK_Q, BLOCK_D, NORMALIZE, SINGLE_D)
+
+    l_lo = split * split_len
+    l_hi = tl.minimum(l_lo + split_len, Ld)
+    for j in range(DOCS):
+        n = nb * DOCS + j
+        if n < Dn:
+            n64 = n.to(tl.int64)
+            best, best_idx = _doc_best(
+                q_tile, q_rows, q_in, q_inv,
+                d_ptr + p64 * sd_p + n64 * sd_n, dm_ptr + p64 * sdm_p + n64 * sdm_n,
+                l_lo, l_hi, D, sq_k, sd_l, sd_k, sdm_l,
+                BLOCK_Q, BLOCK_L, BLOCK_D, HAS_DMASK, NORMALIZE, ARGMAX, SINGLE_D, PREC,
+            )  # fmt: skip
+            row = pq.to(tl.int64) * Dn + n64
+            _write_best(
+                best, best_idx, q_real, offs_q, row, split, R, score_ptr, argmax_ptr, pmax_ptr, pidx_ptr,
+                qb, Lq, ARGMAX, PARTIAL,
+            )  # fmt: skip
+
+
+@triton.jit
+def _maxsim_combine_kernel(
+    pmax_ptr, pidx_ptr, score_ptr, argmax_ptr, R, LQ_OUT, n_split,
+    BLOCK_Q: tl.constexpr, ARGMAX: tl.constexpr,
+):  # fmt: skip
+    """Reduce the per-split partial maxima of one row ``[n_split, R, LQ_OUT]`` in split order."""
+    row = tl.program_id(0).to(tl.int64)
+    total = tl.zeros([BLOCK_Q], tl.float32)
+    for q0 in range(0, LQ_OUT, BLOCK_Q):
+        offs_q = q0 + tl.arange(0, BLOCK_Q)
+        q_in = offs_q < LQ_OUT
+        best = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+        best_idx = tl.full([BLOCK_Q], -1, tl.int32)
+        masked = offs_q < 0
+        for s in range(n_split):
+            off = (s * R + row) * LQ_OUT + offs_q
+            m = tl.load(pmax_ptr + off, mask=q_in, other=0.0)
+            if ARGMAX:
+                i = tl.load(pidx_ptr + off, mask=q_in, other=-1)
+                masked = masked | (i == -2)
+                nan = m != m
+                take = (i >= 0) & ((best_idx < 0) | (m > best) | (nan & (best == best)))
+                best = tl.where(take, m, best)
+                best_idx = tl.where(take, i, best_idx)
+            else:
+                best = _nanmax(best, m)
+        if ARGMAX:
+            best = tl.where(masked, 0.0, best)
+            tl.store(argmax_ptr + row * LQ_OUT + offs_q, tl.where(masked, -1, best_idx), mask=q_in)
+        total += tl.where(q_in, best, 0.0)
+    tl.store(score_ptr + row, tl.sum(total, 0))
+
+
+def _pow2_at_least(n: int, low: int = 16) -> int:
+    return max(low, triton.next_power_of_2(max(int(n), 1)))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``ieee`` for float32 unless ``torch.backends.cuda.matmul.allow_tf32``; tf32 (ignored) otherwise."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def blocks(cfg: FwdConfig, lq: int, ld: int, dim: int) -> tuple[int, int, int]:
+    """(BLOCK_Q, BLOCK_L, BLOCK_D) of a config, cut to the problem."""
+    return (
+        min(cfg.block_q, _pow2_at_least(lq)),
+        min(cfg.block_l, _pow2_at_least(ld)),
+        min(cfg.block_d, _pow2_at_least(dim)),
+    )
+
+
+def plan_split(programs: int, ld: int, block_l: int, cfg: FwdConfig, sms: int) -> tuple[int, int]:
+    """(n_split, split_len): split the document axis when ``programs`` would not fill the GPU."""
+    tiles = triton.cdiv(ld, block_l)
+    target = int(cfg.split_waves * sms)
+    n_split = 1
+    if programs < target and tiles >= 2 * cfg.min_split_tiles:
+        n_split = min(triton.cdiv(target, max(programs, 1)), tiles // cfg.min_split_tiles)
+    split_len = triton.cdiv(tiles, max(n_split, 1)) * block_l
+    return triton.cdiv(ld, split_len), split_len
+
+
+def combine(pmax, pidx, scores, argmax, rows: int, lq_out: int, n_split: int) -> None:
+    """Launch ``_maxsim_combine_kernel`` over ``rows`` rows of partial maxima."""
+    _maxsim_combine_kernel[(rows,)](
+        pmax, pidx if pidx is not None else pmax, scores, argmax if argmax is not None else scores,
+        rows, lq_out, n_split,
+        BLOCK_Q=min(128, _pow2_at_least(lq_out)), ARGMAX=argmax is not None, num_warps=4,
+    )  # fmt: skip
+
+
+def launch_device(device: torch.device):
+    """``torch.cuda.device(device)`` for CUDA tensors (launch on the tensors' GPU); nothing otherwise."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def as_bytes(mask: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    if mask is None:
+        return fallback, (0, 0, 0)
+    return mask.view(torch.uint8), tuple(mask.stride())
+
+
+def maxsim_fwd(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    q_mask: torch.Tensor | None,
+    d_mask: torch.Tensor | None,
+    *,
+    normalize: bool,
+    return_argmax: bool,
+    config: FwdConfig | None = None,
+    n_split: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the padded forward.
+
+    Args:
+        q: ``[P, Qn, Lq, D]`` float32/float16/bfloat16, any strides (zero strides for broadcast dims).
+        d: ``[P, Dn, Ld, D]``, same dtype and device, any strides.
+        q_mask: bool ``[P, Qn, Lq]`` or None; d_mask: bool ``[P, Dn, Ld]`` or None (True = real token).
+        normalize: L2-normalize every token on the fly.
+        return_argmax: also compute the argmax.
+        config: a launch configuration (default: the table's for this device and shape).
+        n_split: force this many splits of the document axis (tests); default: ``plan_split``.
+
+    Returns:
+        scores float32 ``[P, Qn, Dn]`` and int32 argmax ``[P, Qn, Dn, Lq]`` or None.
+    """
+    P, Qn, Lq, D = q.shape
+    Dn, Ld = d.shape[1], d.shape[2]
+    R = P * Qn * Dn
+    scores = torch.empty(P, Qn, Dn, dtype=torch.float32, device=q.device)
+    argmax = torch.empty(P, Qn, Dn, Lq, dtype=torch.int32, device=q.device) if return_argmax else None
+    if R == 0:
+        return scores, argmax
+    cfg = config or forward_config(q.device, Lq, D, q.dtype)
+    block_q, block_l, block_d = blocks(cfg, Lq, Ld, D)
+    docs = max(1, min(cfg.docs, Dn))
+    n_qb = triton.cdiv(Lq, block_q)
+    n_doc_blocks = triton.cdiv(Dn, docs)
+    programs = P * Qn * n_doc_blocks * n_qb
+    if n_split is None:
+        n_split, split_len = plan_split(programs, Ld, block_l, cfg, device_info(q.device)[1])
+    else:
+        split_len = triton.cdiv(triton.cdiv(Ld, block_l), n_split) * block_l
+        n_split = triton.cdiv(Ld, split_len)
+    partial = n_split > 1
+    pmax = pidx = None
+    score_out = scores
+    if partial:
+        pmax = torch.empty(n_split, R, Lq, dtype=torch.float32, device=q.device)
+        pidx = torch.empty(n_split, R, Lq, dtype=torch.int32, device=q.device) if return_argmax else None
+    elif n_qb > 1:
+        score_out = torch.empty(n_qb, P, Qn, Dn, dtype=torch.float32, device=q.device)
+    qm, qm_strides = as_bytes(q_mask, scores)
+    dm, dm_strides = as_bytes(d_mask, scores)
+    grid = (programs * n_split,)
+    with launch_device(q.device):
+        _maxsim_fwd_kernel[grid](
+            q, d, qm, dm, score_out, argmax if argmax is not None else scores,
+            pmax if pmax is not None else scores, pidx if pidx is not None else scores,
+            Qn, Dn, Lq, Ld, D, R,
+            *q.stride(), *d.stride(), *qm_strides, *dm_strides,
+            n_qb, n_split, n_doc_blocks, split_len,
+            BLOCK_Q=block_q, BLOCK_L=block_l, BLOCK_D=block_d, DOCS=docs,
+            HAS_QMASK=q_mask is not None, HAS_DMASK=d_mask is not None, NORMALIZE=normalize,
+            ARGMAX=return_argmax, PARTIAL=partial, SINGLE_D=D <= block_d, PREC=dot_precision(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        if partial:
+            combine(pmax, pidx, scores, argmax, R, Lq, n_split)
+    if not partial and n_qb > 1:
+        torch.sum(score_out, dim=0, out=scores)
+    return scores, argmax

@@ -1,0 +1,173 @@
+"""``torch.library`` custom ops around the Triton launchers: fake (meta) kernels and autograd.
+
+``maxsim::fwd_padded`` / ``maxsim::fwd_varlen`` run the forward kernels; they are opaque to
+``torch.compile`` (no graph break, nothing traced inside) and allocate only with ``torch.empty``, so a call
+with ``validate=False`` can be captured in a CUDA graph. An argmax that was not asked for comes back as an
+empty int32 tensor (a custom op cannot return None).
+
+Autograd keeps the inputs and the int32 argmax only; the backward is ``maxsim::bwd_padded`` /
+``maxsim::bwd_varlen``, which wrap the torch backend's ``backward_padded`` / ``backward_varlen`` until the
+Triton backward exists (issue 5).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import torch_backend
+from .forward import maxsim_fwd
+from .varlen import maxsim_varlen_fwd
+
+
+def _no_argmax(like: Tensor) -> Tensor:
+    return torch.empty(0, dtype=torch.int32, device=like.device)
+
+
+# --- padded ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("maxsim::fwd_padded", mutates_args=())
+def fwd_padded(
+    q: Tensor, d: Tensor, q_mask: Tensor | None, d_mask: Tensor | None, normalize: bool, return_argmax: bool
+) -> tuple[Tensor, Tensor]:
+    """Scores float32 ``[P, Qn, Dn]`` and int32 argmax ``[P, Qn, Dn, Lq]`` (``[0]`` when not asked for)."""
+    scores, argmax = maxsim_fwd(q, d, q_mask, d_mask, normalize=normalize, return_argmax=return_argmax)
+    return scores, (argmax if argmax is not None else _no_argmax(q))
+
+
+@fwd_padded.register_fake
+def _(q, d, q_mask, d_mask, normalize, return_argmax):
+    P, Qn, Lq = q.shape[0], q.shape[1], q.shape[2]
+    Dn = d.shape[1]
+    scores = q.new_empty((P, Qn, Dn), dtype=torch.float32)
+    argmax = q.new_empty((P, Qn, Dn, Lq) if return_argmax else (0,), dtype=torch.int32)
+    return scores, argmax
+
+
+@torch.library.custom_op("maxsim::bwd_padded", mutates_args=())
+def bwd_padded(
+    q: Tensor, d: Tensor, argmax: Tensor, grad_scores: Tensor, normalize: bool, need_dq: bool, need_dd: bool
+) -> tuple[Tensor, Tensor]:
+    """``(dq, dd)`` contiguous, shaped like ``q`` and ``d`` in their dtype (``[0]`` where not needed)."""
+    dq, dd = torch_backend.backward_padded(
+        q, d, argmax, grad_scores, normalize=normalize, need_dq=need_dq, need_dd=need_dd
+    )
+    dq = dq.contiguous() if need_dq else q.new_empty(0)
+    dd = dd.contiguous() if need_dd else d.new_empty(0)
+    return dq, dd
+
+
+@bwd_padded.register_fake
+def _(q, d, argmax, grad_scores, normalize, need_dq, need_dd):
+    dq = q.new_empty(q.shape if need_dq else (0,))
+    dd = d.new_empty(d.shape if need_dd else (0,))
+    return dq, dd
+
+
+def _padded_setup(ctx, inputs, output):
+    q, d, _, _, normalize, _ = inputs
+    ctx.save_for_backward(q, d, output[1])
+    ctx.normalize = normalize
+    ctx.mark_non_differentiable(output[1])
+
+
+def _padded_backward(ctx, grad_scores, grad_argmax):
+    q, d, argmax = ctx.saved_tensors
+    need_dq, need_dd = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dq, dd = torch.ops.maxsim.bwd_padded(q, d, argmax, grad_scores, ctx.normalize, need_dq, need_dd)
+    return (dq if need_dq else None), (dd if need_dd else None), None, None, None, None
+
+
+torch.library.register_autograd("maxsim::fwd_padded", _padded_backward, setup_context=_padded_setup)
+
+
+# --- varlen ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("maxsim::fwd_varlen", mutates_args=())
+def fwd_varlen(
+    q: Tensor,
+    cu_q: Tensor,
+    d: Tensor,
+    cu_d: Tensor,
+    q_ids: Tensor | None,
+    d_ids: Tensor | None,
+    max_lq: int,
+    max_ld: int,
+    normalize: bool,
+    return_argmax: bool,
+) -> tuple[Tensor, Tensor]:
+    """Scores float32 ``[Nq, Nd]`` / ``[P]`` and int32 argmax ``[..., max_lq]`` (``[0]`` when not asked)."""
+    scores, argmax = maxsim_varlen_fwd(
+        q, cu_q, d, cu_d, q_ids, d_ids,
+        max_lq=max_lq, max_ld=max_ld, normalize=normalize, return_argmax=return_argmax,
+    )  # fmt: skip
+    return scores, (argmax if argmax is not None else _no_argmax(q))
+
+
+@fwd_varlen.register_fake
+def _(q, cu_q, d, cu_d, q_ids, d_ids, max_lq, max_ld, normalize, return_argmax):
+    shape = (q_ids.shape[0],) if q_ids is not None else (cu_q.shape[0] - 1, cu_d.shape[0] - 1)
+    scores = q.new_empty(shape, dtype=torch.float32)
+    argmax = q.new_empty((*shape, max_lq) if return_argmax else (0,), dtype=torch.int32)
+    return scores, argmax
+
+
+@torch.library.custom_op("maxsim::bwd_varlen", mutates_args=())
+def bwd_varlen(
+    q: Tensor,
+    cu_q: Tensor,
+    d: Tensor,
+    cu_d: Tensor,
+    q_ids: Tensor | None,
+    d_ids: Tensor | None,
+    argmax: Tensor,
+    grad_scores: Tensor,
+    normalize: bool,
+    need_dq: bool,
+    need_dd: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(dq, dd)`` like ``q`` / ``d`` (``[0]`` where not needed)."""
+    dq, dd = torch_backend.backward_varlen(
+        q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores,
+        normalize=normalize, need_dq=need_dq, need_dd=need_dd,
+    )  # fmt: skip
+    dq = dq.contiguous() if need_dq else q.new_empty(0)
+    dd = dd.contiguous() if need_dd else d.new_empty(0)
+    return dq, dd
+
+
+@bwd_varlen.register_fake
+def _(q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores, normalize, need_dq, need_dd):
+    return q.new_empty(q.shape if need_dq else (0,)), d.new_empty(d.shape if need_dd else (0,))
+
+
+def _varlen_setup(ctx, inputs, output):
+    q, cu_q, d, cu_d, q_ids, d_ids, _, _, normalize, _ = inputs
+    ctx.save_for_backward(q, cu_q, d, cu_d, q_ids, d_ids, output[1])
+    ctx.normalize = normalize
+    ctx.mark_non_differentiable(output[1])
+
+
+def _varlen_backward(ctx, grad_scores, grad_argmax):
+    q, cu_q, d, cu_d, q_ids, d_ids, argmax = ctx.saved_tensors
+    need_dq, need_dd = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    dq, dd = torch.ops.maxsim.bwd_varlen(
+        q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores, ctx.normalize, need_dq, need_dd
+    )
+    return (
+        (dq if need_dq else None),
+        None,
+        (dd if need_dd else None),
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("maxsim::fwd_varlen", _varlen_backward, setup_context=_varlen_setup)

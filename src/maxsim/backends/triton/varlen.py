@@ -1,0 +1,138 @@
+"""Varlen forward kernels: packed ``q [Tq, D]`` / ``d [Td, D]`` with ``cu_seqlens``, all or listed pairs.
+
+A program scores one block of ``BLOCK_Q`` tokens of one query against one document (or one split of its
+tokens) of a pair; it reads only the real tokens of both (the tile loop stops at the document's own
+length). The tile loop, the tie and NaN rules and the deterministic combination of splits are those of
+``forward.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import FwdConfig, device_info, forward_config
+from .forward import (
+    _doc_best,
+    _load_query,
+    _write_best,
+    blocks,
+    combine,
+    dot_precision,
+    launch_device,
+    plan_split,
+)
+
+
+@triton.jit
+def _maxsim_varlen_kernel(
+    q_ptr, d_ptr, cu_q_ptr, cu_d_ptr, qid_ptr, did_ptr, score_ptr, argmax_ptr, pmax_ptr, pidx_ptr,
+    Nd, D, R, MAX_LQ, sq_l, sq_k, sd_l, sd_k, n_qb, n_split, split_len,
+    BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, LISTED: tl.constexpr,
+    NORMALIZE: tl.constexpr, ARGMAX: tl.constexpr, PARTIAL: tl.constexpr, SINGLE_D: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    qb = pid % n_qb
+    rest = pid // n_qb
+    split = rest % n_split
+    pair = rest // n_split
+    if LISTED:
+        qi = tl.load(qid_ptr + pair).to(tl.int64)
+        di = tl.load(did_ptr + pair).to(tl.int64)
+    else:
+        qi = (pair // Nd).to(tl.int64)
+        di = (pair % Nd).to(tl.int64)
+    q_start = tl.load(cu_q_ptr + qi).to(tl.int64)
+    lq = (tl.load(cu_q_ptr + qi + 1).to(tl.int64) - q_start).to(tl.int32)
+    d_start = tl.load(cu_d_ptr + di).to(tl.int64)
+    ld = (tl.load(cu_d_ptr + di + 1).to(tl.int64) - d_start).to(tl.int32)
+
+    offs_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_in = offs_q < lq
+    q_rows = q_ptr + (q_start + offs_q.to(tl.int64))[:, None] * sq_l
+    q_tile, q_inv = _load_query(q_rows, q_in, D, sq_k, BLOCK_Q, BLOCK_D, NORMALIZE, SINGLE_D)
+
+    l_lo = split * split_len
+    l_hi = tl.minimum(l_lo + split_len, ld)
+    l_hi = tl.where(qb * BLOCK_Q < lq, l_hi, l_lo)  # a query block past the query reads nothing
+    best, best_idx = _doc_best(
+        q_tile, q_rows, q_in, q_inv, d_ptr + d_start * sd_l, d_ptr, l_lo, l_hi, D, sq_k, sd_l, sd_k, 0,
+        BLOCK_Q, BLOCK_L, BLOCK_D, False, NORMALIZE, ARGMAX, SINGLE_D, PREC,
+    )  # fmt: skip
+    _write_best(
+        best, best_idx, q_in, offs_q, pair.to(tl.int64), split, R, score_ptr, argmax_ptr, pmax_ptr, pidx_ptr,
+        qb, MAX_LQ, ARGMAX, PARTIAL,
+    )  # fmt: skip
+
+
+def maxsim_varlen_fwd(
+    q: torch.Tensor,
+    cu_q: torch.Tensor,
+    d: torch.Tensor,
+    cu_d: torch.Tensor,
+    q_ids: torch.Tensor | None,
+    d_ids: torch.Tensor | None,
+    *,
+    max_lq: int,
+    max_ld: int,
+    normalize: bool,
+    return_argmax: bool,
+    config: FwdConfig | None = None,
+    n_split: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the varlen forward.
+
+    Args:
+        q: ``[Tq, D]`` packed query tokens (any strides); ``cu_q`` int32/int64 ``[Nq+1]``.
+        d: ``[Td, D]`` packed document tokens (any strides); ``cu_d`` int32/int64 ``[Nd+1]``.
+        q_ids, d_ids: int64 ``[P]`` listed pairs, or both None for all pairs.
+        max_lq, max_ld: Python ints >= the longest query / document.
+        normalize, return_argmax: as ``maxsim_fwd``.
+        config, n_split: launch overrides (tests, autotuning).
+
+    Returns:
+        scores float32 ``[Nq, Nd]`` or ``[P]``; int32 argmax ``[..., max_lq]`` (-1 past a query) or None.
+    """
+    D = q.shape[1]
+    nq, nd = cu_q.shape[0] - 1, cu_d.shape[0] - 1
+    listed = q_ids is not None
+    shape = (q_ids.shape[0],) if listed else (nq, nd)
+    scores = torch.empty(shape, dtype=torch.float32, device=q.device)
+    argmax = torch.empty(*shape, max_lq, dtype=torch.int32, device=q.device) if return_argmax else None
+    R = scores.numel()
+    if R == 0:
+        return scores, argmax
+    cfg = config or forward_config(q.device, max_lq, D, q.dtype)
+    block_q, block_l, block_d = blocks(cfg, max_lq, max_ld, D)
+    n_qb = triton.cdiv(max_lq, block_q)
+    programs = R * n_qb
+    if n_split is None:
+        n_split, split_len = plan_split(programs, max_ld, block_l, cfg, device_info(q.device)[1])
+    else:
+        split_len = triton.cdiv(triton.cdiv(max_ld, block_l), n_split) * block_l
+        n_split = triton.cdiv(max_ld, split_len)
+    partial = n_split > 1
+    pmax = pidx = None
+    score_out = scores
+    if partial:
+        pmax = torch.empty(n_split, R, max_lq, dtype=torch.float32, device=q.device)
+        pidx = torch.empty(n_split, R, max_lq, dtype=torch.int32, device=q.device) if return_argmax else None
+    elif n_qb > 1:
+        score_out = torch.empty(n_qb, R, dtype=torch.float32, device=q.device)
+    with launch_device(q.device):
+        _maxsim_varlen_kernel[(programs * n_split,)](
+            q, d, cu_q, cu_d, q_ids if listed else cu_q, d_ids if listed else cu_d, score_out,
+            argmax if argmax is not None else scores, pmax if pmax is not None else scores,
+            pidx if pidx is not None else scores,
+            nd, D, R, max_lq, *q.stride(), *d.stride(), n_qb, n_split, split_len,
+            BLOCK_Q=block_q, BLOCK_L=block_l, BLOCK_D=block_d, LISTED=listed, NORMALIZE=normalize,
+            ARGMAX=return_argmax, PARTIAL=partial, SINGLE_D=D <= block_d, PREC=dot_precision(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        if partial:
+            combine(pmax, pidx, scores, argmax, R, max_lq, n_split)
+    if not partial and n_qb > 1:
+        torch.sum(score_out, dim=0, out=scores.view(-1))
+    return scores, argmax
