@@ -72,6 +72,8 @@ def test_matches_reference(corpus, mode, normalize, dtype):
     assert argmax.shape == (*scores.shape, max_lq) and argmax.dtype == torch.int32
     if dtype == torch.float32:
         assert torch.equal(argmax, ref_argmax)
+    scores_only = maxsim.maxsim_varlen(q, cu_q, d, cu_d, pairs=pairs, normalize=normalize)  # no-argmax paths
+    assert_scores_close(scores_only, ref, dtype=dtype, naive=naive)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -88,14 +90,24 @@ def test_argmax_ties_and_padding(dtype):
     assert bool((argmax[..., 33:] == -1).all())
 
 
-def test_small_budget(monkeypatch):
-    monkeypatch.setenv("MAXSIM_MEMORY_BUDGET", "2048")
+@pytest.mark.parametrize("budget", [2048, 200_000, 10**9])
+def test_budgets(budget, monkeypatch):
+    """Tiny budgets pad a few sequences at a time; large ones score packed blocks of many documents."""
+    monkeypatch.setenv("MAXSIM_MEMORY_BUDGET", str(budget))
     q, cu_q, d, cu_d = make(CORPORA[1], torch.float32, seed=4)
     for pairs in (None, (torch.tensor([0, 2, 1]), torch.tensor([4, 4, 0]))):
         scores, argmax = maxsim.maxsim_varlen(q, cu_q, d, cu_d, pairs=pairs, return_argmax=True)
         ref, ref_argmax = maxsim_varlen_reference(q, cu_q, d, cu_d, pairs=pairs)
         assert_scores_close(scores, ref, dtype=torch.float32)
         assert torch.equal(argmax, ref_argmax)
+        assert_scores_close(maxsim.maxsim_varlen(q, cu_q, d, cu_d, pairs=pairs), ref, dtype=torch.float32)
+
+
+def test_nan_in_packed_documents():
+    q, cu_q, d, cu_d = make(CORPORA[1], torch.float32, seed=9)
+    d[cu_d[2] + 5, 3] = float("nan")
+    ref, _ = maxsim_varlen_reference(q, cu_q, d, cu_d)
+    assert_scores_close(maxsim.maxsim_varlen(q, cu_q, d, cu_d), ref, dtype=torch.float32)
 
 
 def test_matches_padded_api():

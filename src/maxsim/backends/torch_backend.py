@@ -280,17 +280,40 @@ def maxsim_padded(q, d, q_mask, d_mask, *, normalize: bool, return_argmax: bool)
 # Packed (varlen) sequences: blocks of whole sequences are padded into bounded buffers on the fly.
 
 
-def _sequence_tokens(cu: torch.Tensor, ids: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token positions ``[n, max_len]`` (0 where padding) of sequences ``ids`` and their mask."""
+def _padded_sequences(x, cu: torch.Tensor, ids: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences ``ids`` of packed ``x [T, D]`` padded to ``[n, max_len, D]`` (a copy), and their mask."""
     start, end = cu[ids].long(), cu[ids + 1].long()
     position = start[:, None] + torch.arange(max_len, device=cu.device)
     mask = position < end[:, None]
-    return torch.where(mask, position, 0), mask
+    position = torch.where(mask, position, 0)
+    return x.index_select(0, position.reshape(-1)).view(*position.shape, x.shape[-1]), mask
 
 
 def _pairs_grid(nq: int, nd: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     q_ids = torch.arange(nq, device=device).repeat_interleave(nd)
     return q_ids, torch.arange(nd, device=device).repeat(nq)
+
+
+def _all_pairs_scores_packed(q, cu_q, d, cu_d, *, normalize: bool, rows: int) -> torch.Tensor:
+    """All-pairs scores of packed CPU sequences without padding: blocks of whole documents (at most
+    ``rows`` tokens, or one longer document) times every query token, then a max per document segment and
+    a sum per query segment. Returns ``[Nq, Nd]``."""
+    q_owner = torch.repeat_interleave(torch.arange(cu_q.shape[0] - 1), (cu_q[1:] - cu_q[:-1]).long())
+    q_columns = _prepare(q, normalize).T.contiguous()  # [D, Tq]
+    scores = torch.zeros(cu_d.shape[0] - 1, cu_q.shape[0] - 1, dtype=q_columns.dtype)
+    offsets = cu_d.tolist()
+    d0 = 0
+    while d0 < len(offsets) - 1:
+        d1 = d0 + 1
+        while d1 < len(offsets) - 1 and offsets[d1 + 1] - offsets[d0] <= rows:
+            d1 += 1
+        t0, t1 = offsets[d0], offsets[d1]
+        sim = torch.mm(_prepare(d[t0:t1], normalize), q_columns)  # [tokens, Tq]
+        lengths = torch.tensor(offsets[d0 + 1 : d1 + 1]) - torch.tensor(offsets[d0:d1])
+        best = torch.segment_reduce(sim, "max", lengths=lengths, axis=0)  # [docs, Tq]; NaN propagates
+        scores[d0:d1].index_add_(1, q_owner, best)
+        d0 = d1
+    return scores.T
 
 
 def forward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq, max_ld, normalize, need_argmax):
@@ -306,19 +329,24 @@ def forward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq, max_ld, normalize,
     """
     D = q.shape[-1]
     item = torch.finfo(_compute_dtype(q.dtype)).bits // 8
-    gather_limit = max(memory_budget() // 2, 1)  # padded copies; the blocks scored from them get the rest
+    # Padded copies are made a few MiB at a time on the CPU (cache-sized gathers run several times faster)
+    # and half the budget at a time elsewhere; the blocks scored from them get the other half.
+    budget = max(memory_budget() // 2, 1)
+    gather_limit = _similarity_block_bytes(q.device, budget) // (4 if q.device.type == "cpu" else 1)
+    similarity_rows = _similarity_block_bytes(q.device, budget) // (q.shape[0] * item)
+    if q_ids is None and not need_argmax and q.device.type == "cpu" and max_ld <= similarity_rows:
+        return _all_pairs_scores_packed(q, cu_q, d, cu_d, normalize=normalize, rows=similarity_rows), None
     if q_ids is None:  # all pairs: every query against blocks of padded documents
         nq, nd = cu_q.shape[0] - 1, cu_d.shape[0] - 1
-        positions, q_mask = _sequence_tokens(cu_q, torch.arange(nq, device=q.device), max_lq)
-        q_padded = q[positions][None]
+        q_padded, q_mask = _padded_sequences(q, cu_q, torch.arange(nq, device=q.device), max_lq)
         scores = torch.empty(nq, nd, dtype=_compute_dtype(q.dtype), device=q.device)
         argmax = torch.empty(nq, nd, max_lq, dtype=torch.int32, device=q.device) if need_argmax else None
         step = max(1, gather_limit // (max_ld * D * item))
         for d0, d1 in _ranges(nd, step):
-            positions, d_mask = _sequence_tokens(cu_d, torch.arange(d0, d1, device=q.device), max_ld)
+            d_padded, d_mask = _padded_sequences(d, cu_d, torch.arange(d0, d1, device=q.device), max_ld)
             s, a = forward_padded(
-                q_padded, d[positions][None], q_mask[None], d_mask[None],
-                normalize=normalize, need_argmax=need_argmax, budget=gather_limit,
+                q_padded[None], d_padded[None], q_mask[None], d_mask[None],
+                normalize=normalize, need_argmax=need_argmax, budget=budget,
             )  # fmt: skip
             scores[:, d0:d1] = s[0]
             if need_argmax:
@@ -329,11 +357,11 @@ def forward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq, max_ld, normalize,
     argmax = torch.empty(n, max_lq, dtype=torch.int32, device=q.device) if need_argmax else None
     step = max(1, gather_limit // ((max_ld + max_lq) * D * item))
     for p0, p1 in _ranges(n, step):
-        q_positions, q_mask = _sequence_tokens(cu_q, q_ids[p0:p1], max_lq)
-        d_positions, d_mask = _sequence_tokens(cu_d, d_ids[p0:p1], max_ld)
+        q_padded, q_mask = _padded_sequences(q, cu_q, q_ids[p0:p1], max_lq)
+        d_padded, d_mask = _padded_sequences(d, cu_d, d_ids[p0:p1], max_ld)
         s, a = forward_padded(
-            q[q_positions][:, None], d[d_positions][:, None], q_mask[:, None], d_mask[:, None],
-            normalize=normalize, need_argmax=need_argmax, budget=gather_limit,
+            q_padded[:, None], d_padded[:, None], q_mask[:, None], d_mask[:, None],
+            normalize=normalize, need_argmax=need_argmax, budget=budget,
         )  # fmt: skip
         scores[p0:p1] = s[:, 0, 0]
         if need_argmax:
