@@ -280,7 +280,9 @@ def maxsim_padded(q, d, q_mask, d_mask, *, normalize: bool, return_argmax: bool)
 # Packed (varlen) sequences: blocks of whole sequences are padded into bounded buffers on the fly.
 
 
-def _padded_sequences(x, cu: torch.Tensor, ids: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _padded_sequences(
+    x, cu: torch.Tensor, ids: torch.Tensor, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequences ``ids`` of packed ``x [T, D]`` padded to ``[n, max_len, D]`` (a copy), and their mask."""
     start, end = cu[ids].long(), cu[ids + 1].long()
     position = start[:, None] + torch.arange(max_len, device=cu.device)
