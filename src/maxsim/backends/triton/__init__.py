@@ -6,8 +6,9 @@ autograd). The backward (issue 5) is the torch backend's, run from the saved int
 
 Without a GPU the kernels run in the Triton interpreter: importing this package on a machine where torch
 sees no CUDA device sets ``TRITON_INTERPRET=1`` (unless it is set already) before the kernels are defined.
-float64 inputs, and CPU tensors on a machine whose kernels are compiled for the GPU, go to the torch
-backend.
+The interpreter needs that variable set before ``triton`` is first imported in the process; where it was
+imported earlier without it (or on a GPU machine), CPU tensors go to the torch backend, as float64 inputs
+do everywhere.
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import triton.language  # noqa: E402
+
 from .. import torch_backend  # noqa: E402
 from . import ops  # noqa: E402, F401  (registers maxsim::fwd_padded, maxsim::fwd_varlen and their backward)
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# True when the kernels run in the interpreter: Triton's own library functions must be interpreted too,
+# which holds only when TRITON_INTERPRET was set before triton was first imported.
+INTERPRETED = type(triton.language.standard.sum).__name__ == "InterpretedFunction"
 
 
 def _kernels_run_on(device: torch.device, dtype: torch.dtype) -> bool:

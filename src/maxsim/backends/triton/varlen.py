@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import forward
 from .configs import FwdConfig, device_info, forward_config
 from .forward import (
     _doc_best,
@@ -22,6 +23,7 @@ from .forward import (
     dot_precision,
     launch_device,
     plan_split,
+    poison,
 )
 
 
@@ -121,6 +123,8 @@ def maxsim_varlen_fwd(
         pidx = torch.empty(n_split, R, max_lq, dtype=torch.int32, device=q.device) if return_argmax else None
     elif n_qb > 1:
         score_out = torch.empty(n_qb, R, dtype=torch.float32, device=q.device)
+    if forward.POISON:
+        poison(scores, argmax, score_out, pmax, pidx)
     with launch_device(q.device):
         _maxsim_varlen_kernel[(programs * n_split,)](
             q, d, cu_q, cu_d, q_ids if listed else cu_q, d_ids if listed else cu_d, score_out,

@@ -1,0 +1,343 @@
+"""The Triton kernels against the reference: every layout, ragged varlen, masks, argmax, odd sizes, NaN.
+
+Without a GPU the kernels run in the Triton interpreter on CPU tensors: this module sets
+``TRITON_INTERPRET=1`` at collection when torch sees no CUDA device, before triton is first imported (it
+changes nothing for the other test files, which never run Triton kernels on the CPU); with one they run
+compiled on ``cuda``. Shapes are small: the interpreter runs every program in Python. float32 and float16
+only (the interpreter's bfloat16 is wrong; ``test_gpu.py`` covers bfloat16).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # before triton's first import, or its own library is not interpreted
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+
+from helpers import assert_scores_close, dtype_id, integer_tokens, naive_scores, random_tokens  # noqa: E402
+
+import maxsim  # noqa: E402
+from maxsim.backends import get_backend  # noqa: E402
+from maxsim.backends import triton as triton_backend  # noqa: E402
+from maxsim.backends.triton import configs, forward  # noqa: E402
+from maxsim.backends.triton.forward import maxsim_fwd  # noqa: E402
+from maxsim.backends.triton.varlen import maxsim_varlen_fwd  # noqa: E402
+from maxsim.reference import lengths_to_mask, maxsim_reference, maxsim_varlen_reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = (torch.float32, torch.float16)
+# a small config that forces several query blocks, several documents per program and D chunks
+SMALL = configs.FwdConfig(block_q=16, block_l=16, block_d=16, docs=3, num_warps=4, num_stages=1)
+
+
+def test_kernels_run_here():
+    """On the CPU the kernels must really run in the interpreter (not fall back to the torch backend)."""
+    assert DEVICE == "cuda" or triton_backend.INTERPRETED
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv("MAXSIM_BACKEND", "triton")
+    monkeypatch.setattr(forward, "POISON", True)
+
+
+def to_dev(*tensors):
+    return [None if t is None else t.to(DEVICE) for t in tensors]
+
+
+def check(scores, argmax, q, d, *, q_mask=None, d_mask=None, normalize=False, exact_argmax=False):
+    """Scores within the project's tolerance; argmax identical (exact inputs) or a maximal token."""
+    q, d, q_mask, d_mask = (None if t is None else t.cpu() for t in (q, d, q_mask, d_mask))
+    scores = scores.cpu()
+    ref, ref_argmax = maxsim_reference(q, d, q_mask=q_mask, d_mask=d_mask, normalize=normalize)
+    naive = naive_scores(q.float(), d.float(), q_mask=q_mask, d_mask=d_mask, normalize=normalize)
+    if q.dtype != torch.float32:
+        naive = naive_scores(q, d, q_mask=q_mask, d_mask=d_mask, normalize=normalize)
+    assert_scores_close(scores, ref, dtype=q.dtype, naive=naive)
+    if argmax is None:
+        return
+    argmax = argmax.cpu()
+    assert argmax.dtype == torch.int32 and argmax.shape == ref_argmax.shape
+    if exact_argmax:
+        assert torch.equal(argmax, ref_argmax)
+        return
+    assert torch.equal(argmax < 0, ref_argmax < 0)
+    # the token we picked must be maximal within rounding
+    qq, dd = q.double(), d.double()
+    if normalize:
+        qq, dd = torch.nn.functional.normalize(qq, dim=-1), torch.nn.functional.normalize(dd, dim=-1)
+    sim = qq @ dd.transpose(-1, -2)
+    sim = sim.expand(*argmax.shape, sim.shape[-1])
+    picked = sim.gather(-1, argmax.clamp(min=0).long()[..., None])[..., 0]
+    best = sim.gather(-1, ref_argmax.clamp(min=0).long()[..., None])[..., 0]
+    real = ref_argmax >= 0
+    assert bool(((best - picked)[real] <= 1e-2 * best[real].abs().clamp(min=1)).all())
+
+
+# (name, q batch, d batch, Lq, Ld, D)
+LAYOUTS = [
+    ("query-vs-corpus", (), (5,), 33, 97, 96),
+    ("pairs", (3,), (3,), 17, 40, 130),
+    ("candidates", (2, 1), (2, 4), 32, 33, 64),
+    ("all-pairs", (3, 1), (1, 4), 1, 1, 1),
+    ("all-pairs", (2, 1), (1, 3), 20, 18, 16),
+]
+
+
+def layout_id(layout) -> str:
+    name, qb, db, lq, ld, dim = layout
+    return f"{name}-q{list(qb)}-d{list(db)}-Lq{lq}-Ld{ld}-D{dim}".replace(" ", "")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("form", ["none", "mask", "lengths"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+def test_layouts(layout, form, dtype):
+    _, qb, db, lq, ld, dim = layout
+    g = torch.Generator().manual_seed(len(qb) * 100 + lq * 7 + ld)
+    q = random_tokens((*qb, lq, dim), dtype, generator=g)
+    d = random_tokens((*db, ld, dim), dtype, generator=g)
+    kwargs, q_mask, d_mask = {}, None, None
+    if form == "mask":
+        q_mask = torch.rand((*qb, lq), generator=g) < 0.7
+        d_mask = torch.rand((*db, ld), generator=g) < 0.6
+        d_mask[..., 0] = True
+        kwargs = {"q_mask": q_mask.to(DEVICE), "d_mask": d_mask.to(DEVICE)}
+    elif form == "lengths":
+        q_len = torch.randint(1, lq + 1, qb, generator=g)
+        d_len = torch.randint(1, ld + 1, db, generator=g)
+        q_mask, d_mask = lengths_to_mask(q_len, lq), lengths_to_mask(d_len, ld)
+        kwargs = {"q_lengths": q_len.to(DEVICE), "d_lengths": d_len.to(DEVICE)}
+    qd, dd = to_dev(q, d)
+    scores, argmax = maxsim.maxsim(qd, dd, return_argmax=True, **kwargs)
+    assert scores.shape == torch.broadcast_shapes(qb, db)
+    check(scores, argmax, q, d, q_mask=q_mask, d_mask=d_mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_strided_views_in_place(dtype):
+    """Non-contiguous views: a transposed token matrix, a sliced D, an expanded (zero-stride) query."""
+    g = torch.Generator().manual_seed(3)
+    base = random_tokens((4, 2 * 24, 19), dtype, generator=g)
+    d = base.transpose(1, 2)[..., ::2]  # [4, 19, 24], D stride 2 * 19, token stride 1
+    q = random_tokens((9, 24), dtype, generator=g)[None].expand(4, 9, 24)  # pairs with a zero stride
+    qd, dd = to_dev(q, d)
+    scores, argmax = maxsim.maxsim(qd, dd, return_argmax=True)
+    check(scores, argmax, q, d)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
+@pytest.mark.parametrize("n_split", [None, 3])
+def test_small_tiles_splits_and_ties(n_split, normalize, dtype):
+    """Several query blocks, documents per program, D chunks and document splits; integer ties."""
+    g = torch.Generator().manual_seed(5)
+    q = integer_tokens((2, 2, 20, 20), dtype, generator=g)  # 2 query blocks, 2 D chunks of SMALL
+    d = integer_tokens((2, 4, 40, 20), dtype, generator=g)  # 2 blocks of 3 documents, 3 tiles
+    q_mask = torch.rand(2, 2, 20, generator=g) < 0.8
+    d_mask = torch.rand(2, 4, 40, generator=g) < 0.7
+    d_mask[..., 39] = True
+    qd, dd, qm, dm = to_dev(q, d, q_mask, d_mask)
+    scores, argmax = maxsim_fwd(
+        qd, dd, qm, dm, normalize=normalize, return_argmax=True, config=SMALL, n_split=n_split
+    )
+    no_argmax, none = maxsim_fwd(
+        qd, dd, qm, dm, normalize=normalize, return_argmax=False, config=SMALL, n_split=n_split
+    )
+    assert none is None
+    assert torch.equal(scores, no_argmax)
+    # canonical [P, Qn, Lq] x [P, Dn, Ld] -> reference layout [P, Qn, 1] x [P, 1, Dn]
+    q4, d4 = q[:, :, None], d[:, None]
+    check(scores, argmax, q4, d4, q_mask=q_mask[:, :, None], d_mask=d_mask[:, None], normalize=normalize,
+          exact_argmax=not normalize)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dim", [1, 96, 130])
+@pytest.mark.parametrize("sizes", [(1, 1), (33, 97), (1, 97), (33, 1)], ids=lambda s: f"Lq{s[0]}-Ld{s[1]}")
+def test_odd_sizes(sizes, dim, dtype):
+    lq, ld = sizes
+    g = torch.Generator().manual_seed(lq * 1000 + ld * 10 + dim)
+    q = random_tokens((2, lq, dim), dtype, generator=g)
+    d = random_tokens((2, 3, ld, dim), dtype, generator=g)
+    qd, dd = to_dev(q, d)
+    scores, argmax = maxsim.maxsim(qd[:, None], dd, return_argmax=True)
+    check(scores, argmax, q[:, None], d)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_normalize(dtype):
+    g = torch.Generator().manual_seed(11)
+    q = random_tokens((3, 9, 48), dtype, generator=g) * 7
+    d = random_tokens((5, 20, 48), dtype, generator=g) * 0.1
+    if dtype == torch.float32:  # a zero token: F.normalize leaves it zero (in float16 its eps underflows)
+        q[0, 2] = 0
+        d[1, 3] = 0
+    qd, dd = to_dev(q, d)
+    scores, argmax = maxsim.maxsim(qd[:, None], dd[None], normalize=True, return_argmax=True)
+    check(scores, argmax, q[:, None], d[None], normalize=True)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("n_split", [None, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_nan_inf_and_masked_garbage(dtype, n_split):
+    """NaN wins (the first NaN), masked tokens never take part whatever they hold, all -inf: first real."""
+    g = torch.Generator().manual_seed(13)
+    q = integer_tokens((1, 1, 4, 16), dtype, generator=g)
+    d = integer_tokens((1, 5, 40, 16), dtype, generator=g)
+    d_mask = torch.ones(1, 5, 40, dtype=torch.bool)
+    d[0, 0, 7, 0] = float("nan")  # doc 0: NaN at token 7 (and 30): the first NaN wins
+    d[0, 0, 30, 0] = float("nan")
+    d[0, 1, 5] = float("nan")  # doc 1: NaN only in masked tokens: ignored
+    d[0, 1, 33] = float("inf")
+    d_mask[0, 1, [5, 33]] = False
+    q[0, 0, 1] = 0
+    q[0, 0, 1, 0] = float("inf")  # query token 1: +inf * d[..., 0]
+    d[0, 2, :, 0] = -1  # doc 2: every real similarity of query token 1 is -inf
+    d[0, 2, 0, 0] = 1
+    d_mask[0, 2, :3] = False  # ... and the masked token 0 (+inf) must not win: the first real is 3
+    qd, dd, dm = to_dev(q, d, d_mask)
+    scores, argmax = maxsim_fwd(
+        qd, dd, None, dm, normalize=False, return_argmax=True, config=SMALL, n_split=n_split
+    )
+    check(scores, argmax, q[:, :, None], d[:, None], d_mask=d_mask[:, None], exact_argmax=True)
+    assert argmax[0, 0, 0, [0, 2, 3]].tolist() == [7, 7, 7]  # (token 1's inf * 0 is NaN already at 0)
+    assert argmax[0, 0, 2, 1].item() == 3
+
+
+@pytest.mark.parametrize("n_split", [None, 3])
+def test_document_without_real_token(n_split):
+    """validate=False: a document with no real token scores -inf with argmax -1 (the reference's)."""
+    g = torch.Generator().manual_seed(17)
+    q = random_tokens((1, 1, 5, 16), torch.float32, generator=g)
+    d = random_tokens((1, 3, 50, 16), torch.float32, generator=g)
+    d_mask = torch.rand(1, 3, 50, generator=g) < 0.5
+    d_mask[0, 1] = False
+    qd, dd, dm = to_dev(q, d, d_mask)
+    scores, argmax = maxsim_fwd(
+        qd, dd, None, dm, normalize=False, return_argmax=True, config=SMALL, n_split=n_split
+    )
+    assert scores[0, 0, 1].item() == float("-inf")
+    assert (argmax[0, 0, 1] == -1).all()
+    check(scores, argmax, q[:, :, None], d[:, None], d_mask=d_mask[:, None])
+
+
+def ragged(g, lengths, dim, dtype, cu_dtype=torch.int32):
+    tokens = random_tokens((sum(lengths), dim), dtype, generator=g)
+    cu = torch.zeros(len(lengths) + 1, dtype=cu_dtype)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    return tokens, cu
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("listed", [False, True], ids=["all-pairs", "listed"])
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
+def test_varlen(listed, normalize, dtype):
+    g = torch.Generator().manual_seed(19)
+    q, cu_q = ragged(g, [3, 33, 1], 96, dtype)
+    d, cu_d = ragged(g, [1, 97, 40, 5, 18], 96, dtype, cu_dtype=torch.int64)
+    pairs = (torch.tensor([0, 2, 1, 1, 0]), torch.tensor([4, 0, 1, 1, 2])) if listed else None
+    qd, cqd, dd, cdd = to_dev(q, cu_q, d, cu_d)
+    pd = None if pairs is None else tuple(to_dev(*pairs))
+    scores, argmax = maxsim.maxsim_varlen(
+        qd, cqd, dd, cdd, pairs=pd, normalize=normalize, return_argmax=True, max_seqlen_q=33, max_seqlen_d=97
+    )
+    ref, ref_argmax = maxsim_varlen_reference(q, cu_q, d, cu_d, pairs=pairs, normalize=normalize)
+    assert_scores_close(scores, ref, dtype=dtype, naive=_varlen_naive(q, cu_q, d, cu_d, pairs, normalize))
+    assert torch.equal(argmax.cpu() < 0, ref_argmax < 0)
+    if dtype == torch.float32 and not normalize:
+        assert torch.equal(argmax.cpu(), ref_argmax)
+
+
+def _varlen_naive(q, cu_q, d, cu_d, pairs, normalize):
+    cq, cd = cu_q.tolist(), cu_d.tolist()
+    nq, nd = len(cq) - 1, len(cd) - 1
+    ids = (
+        [(i, j) for i in range(nq) for j in range(nd)]
+        if pairs is None
+        else list(zip(*(p.tolist() for p in pairs), strict=True))
+    )
+    out = [
+        naive_scores(q[cq[i] : cq[i + 1]], d[cd[j] : cd[j + 1]], normalize=normalize) for i, j in ids
+    ]  # fmt: skip
+    out = torch.stack(out)
+    return out.reshape(nq, nd) if pairs is None else out
+
+
+@pytest.mark.parametrize("n_split", [2, 4])
+def test_varlen_splits_and_ties(n_split):
+    g = torch.Generator().manual_seed(23)
+    lq, ld = [2, 20], [1, 70, 33]
+    q = integer_tokens((sum(lq), 24), torch.float16, generator=g)
+    d = integer_tokens((sum(ld), 24), torch.float16, generator=g)
+    cu_q = torch.tensor([0, 2, 22], dtype=torch.int32)
+    cu_d = torch.tensor([0, 1, 71, 104], dtype=torch.int32)
+    qd, cqd, dd, cdd = to_dev(q, cu_q, d, cu_d)
+    for pairs in (None, (torch.tensor([1, 0, 1]), torch.tensor([2, 1, 1]))):
+        pd = None if pairs is None else tuple(to_dev(*pairs))
+        scores, argmax = maxsim_varlen_fwd(
+            qd, cqd, dd, cdd, *(pd or (None, None)), max_lq=20, max_ld=70, normalize=False, return_argmax=True,
+            config=SMALL, n_split=n_split,
+        )  # fmt: skip
+        ref, ref_argmax = maxsim_varlen_reference(q, cu_q, d, cu_d, pairs=pairs)
+        assert torch.equal(scores.cpu().double(), ref)
+        assert torch.equal(argmax.cpu(), ref_argmax)
+
+
+def test_gradients_through_the_custom_op():
+    """Autograd of the Triton forward: the torch backend's backward from the saved argmax."""
+    g = torch.Generator().manual_seed(29)
+    q = random_tokens((2, 7, 16), torch.float32, generator=g)
+    d = random_tokens((2, 3, 11, 16), torch.float32, generator=g)
+    grads = []
+    for backend in ("triton", "torch"):
+        qd, dd = (t.to(DEVICE).requires_grad_(True) for t in (q, d))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MAXSIM_BACKEND", backend)
+            scores = maxsim.maxsim(qd[:, None], dd, normalize=True)
+        (scores * torch.arange(1.0, 7.0, device=DEVICE).view(2, 3)).sum().backward()
+        grads.append((qd.grad.cpu(), dd.grad.cpu()))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-6)
+
+
+def test_varlen_gradients():
+    g = torch.Generator().manual_seed(31)
+    q, cu_q = ragged(g, [3, 5], 16, torch.float32)
+    d, cu_d = ragged(g, [4, 9, 2], 16, torch.float32)
+    grads = []
+    for backend in ("triton", "torch"):
+        qd, dd = (t.to(DEVICE).requires_grad_(True) for t in (q, d))
+        cqd, cdd = to_dev(cu_q, cu_d)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MAXSIM_BACKEND", backend)
+            scores = maxsim.maxsim_varlen(qd, cqd, dd, cdd)
+        scores.sum().backward()
+        grads.append((qd.grad.cpu(), dd.grad.cpu()))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def test_backend_selection():
+    assert get_backend(torch.device(DEVICE)) is triton_backend
+    # float64 goes to the torch backend (Triton has no float64 path)
+    q = torch.randn(3, 8, dtype=torch.float64, device=DEVICE)
+    d = torch.randn(2, 5, 8, dtype=torch.float64, device=DEVICE)
+    assert maxsim.maxsim(q, d).dtype == torch.float64
+
+
+def test_config_table_is_deterministic():
+    dev = torch.device(DEVICE)
+    a = configs.forward_config(dev, 32, 128, torch.float16)
+    assert a == configs.forward_config(dev, 32, 128, torch.float16)
+    assert configs.shape_class(32, 128, torch.float16) == "rerank"
+    assert configs.shape_class(1024, 128, torch.bfloat16) == "flops"
+    assert configs.shape_class(100, 1024, torch.float32) == "mid-wide-f32"
+    for cfg in configs.TABLE.values():
+        for block in (cfg.block_q, cfg.block_l, cfg.block_d):
+            assert block >= 16 and block & (block - 1) == 0
