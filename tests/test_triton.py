@@ -341,3 +341,30 @@ def test_config_table_is_deterministic():
     for cfg in configs.TABLE.values():
         for block in (cfg.block_q, cfg.block_l, cfg.block_d):
             assert block >= 16 and block & (block - 1) == 0
+
+
+def _opcheck_cases():
+    g = torch.Generator().manual_seed(37)
+    q = random_tokens((2, 1, 5, 16), torch.float32, generator=g)
+    d = random_tokens((2, 3, 7, 16), torch.float32, generator=g)
+    d_mask = torch.rand(2, 3, 7, generator=g) < 0.7
+    d_mask[..., 0] = True
+    q_mask = torch.rand(2, 1, 5, generator=g) < 0.7
+    qv, cu_q = ragged(g, [3, 5], 16, torch.float32)
+    dv, cu_d = ragged(g, [4, 9, 2], 16, torch.float32)
+    ids = (torch.tensor([0, 1, 1]), torch.tensor([2, 0, 1]))
+    q, d, q_mask, d_mask, qv, cu_q, dv, cu_d = to_dev(q, d, q_mask, d_mask, qv, cu_q, dv, cu_d)
+    ids = tuple(to_dev(*ids))
+    return [
+        ("fwd_padded", (q, d, None, None, False, True)),
+        ("fwd_padded", (q.requires_grad_(), d.requires_grad_(), q_mask, d_mask, True, False)),
+        ("fwd_varlen", (qv, cu_q, dv, cu_d, None, None, 5, 9, False, True)),
+        ("fwd_varlen", (qv.requires_grad_(), cu_q, dv.requires_grad_(), cu_d, *ids, 5, 9, True, True)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_opcheck(case):
+    """``torch.library.opcheck``: schema, fake kernel, autograd registration, AOT dispatch."""
+    name, args = _opcheck_cases()[case]
+    torch.library.opcheck(getattr(torch.ops.maxsim, name).default, args)

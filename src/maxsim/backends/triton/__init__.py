@@ -24,6 +24,8 @@ import triton.language  # noqa: E402
 
 from .. import torch_backend  # noqa: E402
 from . import ops  # noqa: E402, F401  (registers maxsim::fwd_padded, maxsim::fwd_varlen and their backward)
+from .forward import maxsim_fwd  # noqa: E402
+from .varlen import maxsim_varlen_fwd  # noqa: E402
 
 # True when the kernels run in the interpreter: Triton's own library functions must be interpreted too,
 # which holds only when TRITON_INTERPRET was set before triton was first imported.
@@ -43,6 +45,9 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 def maxsim_padded(q, d, q_mask, d_mask, *, normalize: bool, return_argmax: bool):
     """Backend entry point for padded groups (see ``torch_backend.forward_padded`` for shapes).
 
+    Under ``torch.compile`` or autograd the call goes through the custom op ``maxsim::fwd_padded``; eager
+    inference calls the launcher directly (the same kernels, without the op's dispatch cost).
+
     Args:
         q: ``[P, Qn, Lq, D]``; d: ``[P, Dn, Ld, D]`` (any strides); q_mask / d_mask: bool or None.
 
@@ -53,8 +58,10 @@ def maxsim_padded(q, d, q_mask, d_mask, *, normalize: bool, return_argmax: bool)
         return torch_backend.maxsim_padded(
             q, d, q_mask, d_mask, normalize=normalize, return_argmax=return_argmax
         )
-    want = return_argmax or _needs_grad(q, d)
-    scores, argmax = torch.ops.maxsim.fwd_padded(q, d, q_mask, d_mask, normalize, want)
+    grad = _needs_grad(q, d)
+    if not grad and not torch.compiler.is_compiling():  # eager inference: the launcher, no op dispatch
+        return maxsim_fwd(q, d, q_mask, d_mask, normalize=normalize, return_argmax=return_argmax)
+    scores, argmax = torch.ops.maxsim.fwd_padded(q, d, q_mask, d_mask, normalize, return_argmax or grad)
     return scores, (argmax if return_argmax else None)
 
 
@@ -67,8 +74,13 @@ def maxsim_varlen(
             q, cu_q, d, cu_d, q_ids, d_ids,
             max_lq=max_lq, max_ld=max_ld, normalize=normalize, return_argmax=return_argmax,
         )  # fmt: skip
-    want = return_argmax or _needs_grad(q, d)
+    grad = _needs_grad(q, d)
+    if not grad and not torch.compiler.is_compiling():  # eager inference: the launcher, no op dispatch
+        return maxsim_varlen_fwd(
+            q, cu_q, d, cu_d, q_ids, d_ids,
+            max_lq=max_lq, max_ld=max_ld, normalize=normalize, return_argmax=return_argmax,
+        )  # fmt: skip
     scores, argmax = torch.ops.maxsim.fwd_varlen(
-        q, cu_q, d, cu_d, q_ids, d_ids, max_lq, max_ld, normalize, want
+        q, cu_q, d, cu_d, q_ids, d_ids, max_lq, max_ld, normalize, return_argmax or grad
     )
     return scores, (argmax if return_argmax else None)

@@ -66,14 +66,17 @@ def _(q, d, argmax, grad_scores, normalize, need_dq, need_dd):
 
 
 def _padded_setup(ctx, inputs, output):
-    q, d, _, _, normalize, _ = inputs
-    ctx.save_for_backward(q, d, output[1])
+    q, d, q_mask, d_mask, normalize, _ = inputs
+    # an argmax not asked for (empty) is recomputed in the backward, with the masks it needs
+    ctx.save_for_backward(q, d, output[1], q_mask, d_mask)
     ctx.normalize = normalize
     ctx.mark_non_differentiable(output[1])
 
 
 def _padded_backward(ctx, grad_scores, grad_argmax):
-    q, d, argmax = ctx.saved_tensors
+    q, d, argmax, q_mask, d_mask = ctx.saved_tensors
+    if argmax.numel() == 0 and grad_scores.numel() != 0:
+        argmax = torch.ops.maxsim.fwd_padded(q, d, q_mask, d_mask, ctx.normalize, True)[1]
     need_dq, need_dd = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dq, dd = torch.ops.maxsim.bwd_padded(q, d, argmax, grad_scores, ctx.normalize, need_dq, need_dd)
     return (dq if need_dq else None), (dd if need_dd else None), None, None, None, None
@@ -144,14 +147,19 @@ def _(q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores, normalize, need_dq, n
 
 
 def _varlen_setup(ctx, inputs, output):
-    q, cu_q, d, cu_d, q_ids, d_ids, _, _, normalize, _ = inputs
+    q, cu_q, d, cu_d, q_ids, d_ids, max_lq, max_ld, normalize, _ = inputs
     ctx.save_for_backward(q, cu_q, d, cu_d, q_ids, d_ids, output[1])
     ctx.normalize = normalize
+    ctx.max_seqlens = (max_lq, max_ld)
     ctx.mark_non_differentiable(output[1])
 
 
 def _varlen_backward(ctx, grad_scores, grad_argmax):
     q, cu_q, d, cu_d, q_ids, d_ids, argmax = ctx.saved_tensors
+    if argmax.numel() == 0 and grad_scores.numel() != 0:
+        argmax = torch.ops.maxsim.fwd_varlen(
+            q, cu_q, d, cu_d, q_ids, d_ids, *ctx.max_seqlens, ctx.normalize, True
+        )[1]
     need_dq, need_dd = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     dq, dd = torch.ops.maxsim.bwd_varlen(
         q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores, ctx.normalize, need_dq, need_dd

@@ -1,0 +1,271 @@
+"""The Triton backend on a CUDA GPU (skipped without one): bfloat16, large shapes, the document split,
+D = 1024, float32 exactness, torch.compile(fullgraph=True), CUDA-graph capture, opcheck, gradients.
+
+Run on the GPU machine: ``PYTHONPATH=src python -m pytest tests/test_gpu.py -q`` (or scripts/gpu_suite.sh).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+pytest.importorskip("triton")
+
+from helpers import assert_scores_close, dtype_id, integer_tokens, naive_scores  # noqa: E402
+
+import maxsim  # noqa: E402
+from maxsim.backends import get_backend  # noqa: E402
+from maxsim.backends import triton as triton_backend  # noqa: E402
+from maxsim.backends.triton import forward  # noqa: E402
+from maxsim.reference import maxsim_reference, maxsim_varlen_reference  # noqa: E402
+
+CUDA = torch.device("cuda")
+LOW = (torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def _default_backend(monkeypatch):
+    monkeypatch.delenv("MAXSIM_BACKEND", raising=False)
+    monkeypatch.setattr(forward, "POISON", True)
+
+
+def tokens(shape, dtype, seed):
+    g = torch.Generator(device=CUDA).manual_seed(seed)
+    return torch.randn(shape, generator=g, device=CUDA, dtype=torch.float32).to(dtype)
+
+
+def check(scores, q, d, *, argmax=None, q_mask=None, d_mask=None, normalize=False, exact_argmax=False):
+    ref, ref_argmax = maxsim_reference(q, d, q_mask=q_mask, d_mask=d_mask, normalize=normalize)
+    naive = naive_scores(q, d, q_mask=q_mask, d_mask=d_mask, normalize=normalize)
+    assert_scores_close(scores, ref, dtype=q.dtype, naive=naive)
+    if argmax is None:
+        return
+    assert argmax.shape == ref_argmax.shape and argmax.dtype == torch.int32
+    if exact_argmax:
+        assert torch.equal(argmax, ref_argmax)
+        return
+    assert torch.equal(argmax < 0, ref_argmax < 0)
+    qq, dd = q.double(), d.double()
+    if normalize:
+        qq, dd = torch.nn.functional.normalize(qq, dim=-1), torch.nn.functional.normalize(dd, dim=-1)
+    sim = (qq @ dd.transpose(-1, -2)).expand(*argmax.shape, d.shape[-2])
+    picked = sim.gather(-1, argmax.clamp(min=0).long()[..., None])[..., 0]
+    best = sim.gather(-1, ref_argmax.clamp(min=0).long()[..., None])[..., 0]
+    real = ref_argmax >= 0
+    tol = 2e-2 if q.dtype in LOW else 1e-4
+    assert bool(((best - picked)[real] <= tol * best[real].abs().clamp(min=1)).all())
+
+
+def test_default_backend_is_triton():
+    assert get_backend(CUDA) is triton_backend
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
+def test_layouts_bf16_and_masks(dtype, normalize):
+    q = tokens((6, 33, 96), dtype, 1)
+    d = tokens((6, 11, 97, 96), dtype, 2)
+    q_mask = tokens((6, 33), torch.float32, 3) > -0.5
+    d_mask = tokens((6, 11, 97), torch.float32, 4) > -0.3
+    d_mask[..., 5] = True
+    scores, argmax = maxsim.maxsim(
+        q[:, None], d, q_mask=q_mask[:, None], d_mask=d_mask, normalize=normalize, return_argmax=True
+    )
+    check(scores, q[:, None], d, argmax=argmax, q_mask=q_mask[:, None], d_mask=d_mask, normalize=normalize)
+    # all pairs and one query against a corpus
+    scores = maxsim.maxsim(q[:, None], d[0][None], normalize=normalize)
+    check(scores, q[:, None], d[0][None], normalize=normalize)
+    scores = maxsim.maxsim(q[0], d[1], normalize=normalize)
+    check(scores, q[0], d[1], normalize=normalize)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=dtype_id)
+def test_colpali_shape(dtype):
+    """Lq = Ld = 1024: many query blocks per document (the FLOP-bound configuration)."""
+    q = tokens((1024, 128), dtype, 5)
+    d = tokens((24, 1024, 128), dtype, 6)
+    scores, argmax = maxsim.maxsim(q, d, return_argmax=True)
+    check(scores, q, d, argmax=argmax)
+    assert torch.equal(maxsim.maxsim(q, d), scores)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_long_documents_split(dtype):
+    """Ld = 4096 with two documents: the document axis is split across programs and combined in order."""
+    q = tokens((2, 32, 128), dtype, 7)
+    d = tokens((2, 1, 4096, 128), dtype, 8)
+    d_mask = tokens((2, 1, 4096), torch.float32, 9) > -1.0
+    scores, argmax = maxsim.maxsim(q[:, None], d, d_mask=d_mask, return_argmax=True)
+    check(scores, q[:, None], d, argmax=argmax, d_mask=d_mask, exact_argmax=dtype == torch.float32)
+    # integer tokens: the split path keeps the first index on ties
+    qi = integer_tokens((2, 32, 64), dtype, generator=torch.Generator().manual_seed(0)).to(CUDA)
+    di = integer_tokens((2, 1, 4096, 64), dtype, generator=torch.Generator().manual_seed(1)).to(CUDA)
+    scores, argmax = maxsim.maxsim(qi[:, None], di, return_argmax=True)
+    check(scores, qi[:, None], di, argmax=argmax, exact_argmax=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_wide_d(dtype):
+    q = tokens((3, 32, 1024), dtype, 10)
+    d = tokens((3, 5, 300, 1024), dtype, 11)
+    scores, argmax = maxsim.maxsim(q[:, None], d, normalize=True, return_argmax=True)
+    check(scores, q[:, None], d, argmax=argmax, normalize=True)
+
+
+def test_float32_is_exact_unless_tf32_is_allowed(monkeypatch):
+    q = tokens((64, 128), torch.float32, 12) * 10
+    d = tokens((50, 300, 128), torch.float32, 13) * 10
+    ref, _ = maxsim_reference(q, d)
+    exact = maxsim.maxsim(q, d)
+    assert ((exact.double() - ref).abs() <= 1e-4 * ref.abs().clamp(min=1)).all()
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    fast = maxsim.maxsim(q, d)
+    assert ((fast.double() - ref).abs() <= 2e-2 * ref.abs().clamp(min=1)).all()
+
+
+def test_varlen_ragged_corpus_bf16():
+    g = torch.Generator().manual_seed(14)
+    lengths = torch.randint(1, 300, (300,), generator=g)
+    d = tokens((int(lengths.sum()), 128), torch.bfloat16, 15)
+    q = tokens((2 * 32, 128), torch.bfloat16, 16)
+    cu_d = torch.zeros(301, dtype=torch.int32)
+    cu_d[1:] = lengths.cumsum(0)
+    cu_q = torch.tensor([0, 32, 64], dtype=torch.int32)
+    scores, argmax = maxsim.maxsim_varlen(q, cu_q.to(CUDA), d, cu_d.to(CUDA), return_argmax=True)
+    ref, ref_argmax = maxsim_varlen_reference(q.cpu(), cu_q, d.cpu(), cu_d)
+    naive = torch.stack(
+        [
+            naive_scores(q[32 * i : 32 * i + 32], d[cu_d[j] : cu_d[j + 1]])
+            for i in range(2)
+            for j in range(300)
+        ]
+    ).view(2, 300)
+    assert_scores_close(scores, ref, dtype=torch.bfloat16, naive=naive)
+    assert torch.equal(argmax.cpu() < 0, ref_argmax < 0)
+    pairs = (torch.tensor([1, 0, 1], device=CUDA), torch.tensor([299, 0, 7], device=CUDA))
+    listed = maxsim.maxsim_varlen(q, cu_q.to(CUDA), d, cu_d.to(CUDA), pairs=pairs)
+    assert torch.equal(listed, scores[pairs])
+
+
+def test_compile_fullgraph_padded_and_changing_cu_seqlens():
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def padded(q, d, d_lengths):
+        return maxsim.maxsim(q[:, None], d, d_lengths=d_lengths, validate=False, return_argmax=True)
+
+    q = tokens((4, 32, 128), torch.bfloat16, 17)
+    d = tokens((4, 6, 100, 128), torch.bfloat16, 18)
+    lengths = torch.randint(1, 101, (4, 6), device=CUDA)
+    scores, argmax = padded(q, d, lengths)
+    mask = torch.arange(100, device=CUDA) < lengths[..., None]
+    check(scores, q[:, None], d, argmax=argmax, d_mask=mask)
+
+    @torch.compile(fullgraph=True)
+    def varlen(q, cu_q, d, cu_d):
+        return maxsim.maxsim_varlen(q, cu_q, d, cu_d, max_seqlen_q=32, max_seqlen_d=120, validate=False)
+
+    q = tokens((64, 128), torch.float16, 19)
+    d = tokens((400, 128), torch.float16, 20)
+    cu_q = torch.tensor([0, 20, 64], dtype=torch.int32, device=CUDA)
+    for cuts in ([0, 100, 220, 300, 400], [0, 1, 120, 280, 400], [0, 80, 90, 200, 400]):
+        cu_d = torch.tensor(cuts, dtype=torch.int32, device=CUDA)
+        scores = varlen(q, cu_q, d, cu_d)
+        ref, _ = maxsim_varlen_reference(q.cpu(), cu_q.cpu(), d.cpu(), cu_d.cpu())
+        torch.testing.assert_close(scores.double().cpu(), ref, rtol=2e-3, atol=2e-2)
+
+
+def test_compile_training_step():
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def step(q, d):
+        return maxsim.maxsim(q[:, None], d[None], normalize=True, validate=False).sum()
+
+    q = tokens((4, 16, 64), torch.float32, 21).requires_grad_(True)
+    d = tokens((5, 30, 64), torch.float32, 22).requires_grad_(True)
+    step(q, d).backward()
+    q2, d2 = q.detach().clone().requires_grad_(True), d.detach().clone().requires_grad_(True)
+    ref, _ = maxsim_reference(q2[:, None], d2[None], normalize=True)
+    ref.sum().backward()
+    torch.testing.assert_close(q.grad, q2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(d.grad, d2.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_graph_capture():
+    q = tokens((8, 32, 128), torch.bfloat16, 23)
+    d = tokens((8, 20, 180, 128), torch.bfloat16, 24)
+    lengths = torch.randint(1, 181, (8, 20), device=CUDA)
+    cu_q = torch.tensor([0, 32], dtype=torch.int32, device=CUDA)
+    cu_d = torch.tensor([0, 50, 300, 310], dtype=torch.int32, device=CUDA)
+    packed = tokens((310, 128), torch.bfloat16, 25)
+
+    def run():
+        padded = maxsim.maxsim(q[:, None], d, d_lengths=lengths, validate=False)
+        ragged = maxsim.maxsim_varlen(
+            q[0], cu_q, packed, cu_d, max_seqlen_q=32, max_seqlen_d=250, validate=False, return_argmax=True
+        )
+        return padded, ragged
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # warm-up (compiles the kernels) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for seed in (26, 27):
+        q.copy_(tokens(q.shape, q.dtype, seed))
+        packed.copy_(tokens(packed.shape, packed.dtype, seed + 10))
+        graph.replay()
+        torch.cuda.synchronize()
+        mask = torch.arange(180, device=CUDA) < lengths[..., None]
+        check(out[0], q[:, None], d, d_mask=mask)
+        ref, ref_argmax = maxsim_varlen_reference(q[0].cpu(), cu_q.cpu(), packed.cpu(), cu_d.cpu())
+        torch.testing.assert_close(out[1][0].double().cpu(), ref, rtol=2e-3, atol=5e-2)
+        assert torch.equal(out[1][1].cpu() < 0, ref_argmax < 0)
+
+
+def _opcheck_cases():
+    q = tokens((2, 1, 33, 96), torch.bfloat16, 28)
+    d = tokens((2, 5, 70, 96), torch.bfloat16, 29)
+    q_mask = tokens((2, 1, 33), torch.float32, 30) > -0.5
+    d_mask = tokens((2, 5, 70), torch.float32, 31) > -0.5
+    d_mask[..., 0] = True
+    qv, dv = tokens((40, 64), torch.float16, 32), tokens((90, 64), torch.float16, 33)
+    cu_q = torch.tensor([0, 7, 40], dtype=torch.int32, device=CUDA)
+    cu_d = torch.tensor([0, 30, 31, 90], dtype=torch.int64, device=CUDA)
+    ids = (torch.tensor([1, 0, 1], device=CUDA), torch.tensor([2, 2, 0], device=CUDA))
+    argmax = torch.randint(-1, 70, (2, 1, 5, 33), dtype=torch.int32, device=CUDA)
+    grad = tokens((2, 1, 5), torch.float32, 34)
+    return [
+        ("fwd_padded", (q, d, None, None, False, False)),
+        ("fwd_padded", (q, d, q_mask, d_mask, True, True)),
+        ("fwd_padded", (q.float().requires_grad_(), d.float().requires_grad_(), q_mask, d_mask, False, True)),
+        ("fwd_varlen", (qv, cu_q, dv, cu_d, None, None, 33, 60, False, True)),
+        ("fwd_varlen", (qv.float().requires_grad_(), cu_q, dv.float().requires_grad_(), cu_d, *ids, 33, 60, True, False)),
+        ("bwd_padded", (q, d, argmax, grad, False, True, True)),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_opcheck(case):
+    name, args = _opcheck_cases()[case]
+    torch.library.opcheck(getattr(torch.ops.maxsim, name).default, args)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=dtype_id)
+def test_gradients_match_torch_backend(dtype, monkeypatch):
+    q = tokens((4, 32, 128), dtype, 35)
+    d = tokens((4, 8, 200, 128), dtype, 36)
+    grads = []
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("MAXSIM_BACKEND", backend)
+        qq, dd = q.clone().requires_grad_(True), d.clone().requires_grad_(True)
+        maxsim.maxsim(qq[:, None], dd).sum().backward()
+        grads.append((qq.grad, dd.grad))
+    # the argmax can differ on near-ties between the two backends; compare where the rows agree
+    torch.testing.assert_close(grads[0][0].float(), grads[1][0].float(), rtol=0.05, atol=0.1)
