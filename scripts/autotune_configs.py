@@ -1,7 +1,7 @@
 """Regenerate the sm_90 rows of ``maxsim.backends.triton.configs.TABLE`` by timing candidates on a GPU.
 
 For each shape class it times candidate configurations on representative problems (the bench workloads
-of that class) with ``triton.testing.do_bench`` (median, L2 flushed), by coordinate descent from the
+of that class) with ``triton.testing.do_bench_cudagraph`` (median of graph replays), by coordinate descent from the
 current row: each field in turn takes the value that minimises the geometric mean over the problems of
 time / best time seen for that problem. It prints the table to paste into ``configs.py`` (between
 ``# BEGIN TABLE`` and ``# END TABLE``) and, with ``--json``, writes every timing.
@@ -52,8 +52,8 @@ CHOICES = {
         "block_d": [64, 128],
     },
     "flops": {
-        "block_q": [64, 128, 256],
-        "block_l": [64, 128],
+        "block_q": [128, 256],
+        "block_l": [32, 64, 128],
         "num_warps": [4, 8],
         "num_stages": [2, 3, 4],
         "split_waves": [1.0, 4.0],
@@ -91,12 +91,13 @@ def build(kind, sizes, dtype, device):
 
 
 def time_config(fn, cfg) -> float:
-    from triton.testing import do_bench
+    """Kernel time (ms): CUDA-graph replays (no host overhead, whose noise would swamp small kernels)."""
+    from triton.testing import do_bench_cudagraph
 
     try:
         fn(cfg)
         torch.cuda.synchronize()
-        return do_bench(lambda: fn(cfg), warmup=5, rep=25, return_mode="median")
+        return do_bench_cudagraph(lambda: fn(cfg), rep=20, return_mode="median")
     except Exception as exc:  # out of resources: not a candidate
         print(f"    {cfg}: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
         return math.inf

@@ -146,7 +146,8 @@ def test_varlen_ragged_corpus_bf16():
     assert torch.equal(argmax.cpu() < 0, ref_argmax < 0)
     pairs = (torch.tensor([1, 0, 1], device=CUDA), torch.tensor([299, 0, 7], device=CUDA))
     listed = maxsim.maxsim_varlen(q, cu_q.to(CUDA), d, cu_d.to(CUDA), pairs=pairs)
-    assert torch.equal(listed, scores[pairs])
+    # (a few pairs split the documents across programs: the same maxima, summed in another order)
+    torch.testing.assert_close(listed, scores[pairs], rtol=1e-6, atol=1e-4)
 
 
 def test_compile_fullgraph_padded_and_changing_cu_seqlens():
@@ -165,7 +166,7 @@ def test_compile_fullgraph_padded_and_changing_cu_seqlens():
 
     @torch.compile(fullgraph=True)
     def varlen(q, cu_q, d, cu_d):
-        return maxsim.maxsim_varlen(q, cu_q, d, cu_d, max_seqlen_q=32, max_seqlen_d=120, validate=False)
+        return maxsim.maxsim_varlen(q, cu_q, d, cu_d, max_seqlen_q=44, max_seqlen_d=200, validate=False)
 
     q = tokens((64, 128), torch.float16, 19)
     d = tokens((400, 128), torch.float16, 20)

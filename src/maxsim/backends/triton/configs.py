@@ -57,9 +57,9 @@ DEFAULT = FwdConfig()
 # Regenerate with `python scripts/autotune_configs.py` on an sm_90 GPU. Keys: (arch, shape class).
 # BEGIN TABLE
 TABLE: dict[tuple[str, str], FwdConfig] = {
-    ("sm_90", "rerank"): FwdConfig(32, 64, 128, 1, 4, 3, 2.0, 2),
+    ("sm_90", "rerank"): FwdConfig(32, 64, 128, 1, 4, 3, 1.0, 2),
     ("sm_90", "mid"): FwdConfig(64, 64, 128, 1, 4, 3, 2.0, 2),
-    ("sm_90", "flops"): FwdConfig(128, 128, 128, 1, 8, 3, 1.0, 2),
+    ("sm_90", "flops"): FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2),
     ("sm_90", "rerank-f32"): FwdConfig(32, 64, 64, 1, 4, 2, 2.0, 2),
     ("sm_90", "mid-f32"): FwdConfig(64, 64, 64, 1, 4, 2, 2.0, 2),
     ("sm_90", "flops-f32"): FwdConfig(64, 64, 64, 1, 4, 2, 1.0, 2),

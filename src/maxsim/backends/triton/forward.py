@@ -62,16 +62,33 @@ def _load_query(
 
 
 @triton.jit
+def _mask_end(dm_base, sdm_l, l_lo, l_hi, MASK_BLOCK: tl.constexpr):
+    """One past the last real token of a document's mask in ``[l_lo, l_hi)`` (``l_lo`` if none): the
+    tile loop stops there, so the padding of a length-masked document costs neither bytes nor tiles."""
+    end = l_lo
+    for m0 in range(l_lo, l_hi, MASK_BLOCK):
+        offs = m0 + tl.arange(0, MASK_BLOCK)
+        m = tl.load(dm_base + offs.to(tl.int64) * sdm_l, mask=offs < l_hi, other=0)
+        end = tl.maximum(end, tl.max(tl.where(m != 0, offs + 1, 0), 0))
+    return end
+
+
+@triton.jit
 def _doc_best(
     q_tile, q_rows, q_in, q_inv, d_base, dm_base, l_lo, l_hi, D, sq_k, sd_l, sd_k, sdm_l,
     BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DMASK: tl.constexpr,
     NORMALIZE: tl.constexpr, ARGMAX: tl.constexpr, SINGLE_D: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Running max (NaN wins) and its first index per query row over document tokens ``[l_lo, l_hi)``."""
+    """Max (NaN wins) and its first index per query row over document tokens ``[l_lo, l_hi)``.
+
+    The running maximum is kept elementwise over a ``[BLOCK_Q, BLOCK_L]`` tile (each column lane sees the
+    tiles in token order, a strict ``>`` keeps its first winner) and reduced across lanes once at the end:
+    no cross-lane reduction per tile.
+    """
     offs_l = tl.arange(0, BLOCK_L)
     offs_k = tl.arange(0, BLOCK_D)
-    best = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-    best_idx = tl.full([BLOCK_Q], -1, tl.int32)
+    run = tl.full([BLOCK_Q, BLOCK_L], float("-inf"), tl.float32)
+    run_idx = tl.full([BLOCK_Q, BLOCK_L], -1, tl.int32)
     for l0 in range(l_lo, l_hi, BLOCK_L):
         offs = l0 + offs_l
         real = offs < l_hi
@@ -101,21 +118,22 @@ def _doc_best(
         if NORMALIZE:
             d_inv = 1.0 / tl.maximum(tl.sqrt(d_sq), 1e-12)
             acc = acc * q_inv[:, None] * d_inv[None, :]
-        sim = tl.where(real[None, :], acc, float("-inf"))
-        if INTERPRETED:  # the interpreter runs a custom reduction element by element: built-ins instead
-            tile_nan = tl.max((sim != sim).to(tl.int32), 1) > 0
-            tile_max = tl.where(tile_nan, float("nan"), tl.max(sim, 1))
-        else:
-            tile_max = tl.reduce(sim, 1, _nanmax)
         if ARGMAX:
-            tile_nan = tile_max != tile_max
-            hit = real[None, :] & ((sim == tile_max[:, None]) | ((sim != sim) & tile_nan[:, None]))
-            tile_idx = tl.min(tl.where(hit, offs[None, :], 2**30), 1)
-            take = (tile_idx < 2**30) & ((best_idx < 0) | (tile_max > best) | (tile_nan & (best == best)))
-            best = tl.where(take, tile_max, best)
-            best_idx = tl.where(take, tile_idx, best_idx)
+            take = real[None, :] & ((run_idx < 0) | (acc > run) | ((acc != acc) & (run == run)))
+            run = tl.where(take, acc, run)
+            run_idx = tl.where(take, offs[None, :], run_idx)
         else:
-            best = _nanmax(best, tile_max)
+            run = _nanmax(run, tl.where(real[None, :], acc, float("-inf")))
+    if INTERPRETED:  # the interpreter runs a custom reduction element by element: built-ins instead
+        best = tl.where(tl.max((run != run).to(tl.int32), 1) > 0, float("nan"), tl.max(run, 1))
+    else:
+        best = tl.reduce(run, 1, _nanmax)
+    best_idx = tl.full([BLOCK_Q], -1, tl.int32)
+    if ARGMAX:
+        best_nan = best != best
+        hit = (run_idx >= 0) & ((run == best[:, None]) | ((run != run) & best_nan[:, None]))
+        first = tl.min(tl.where(hit, run_idx, 2**30), 1)
+        best_idx = tl.where(first < 2**30, first, -1)
     return best, best_idx
 
 
@@ -145,7 +163,8 @@ def _maxsim_fwd_kernel(
     sq_p, sq_n, sq_l, sq_k, sd_p, sd_n, sd_l, sd_k, sqm_p, sqm_n, sqm_l, sdm_p, sdm_n, sdm_l,
     n_qb, n_split, n_doc_blocks, split_len,
     BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, DOCS: tl.constexpr,
-    HAS_QMASK: tl.constexpr, HAS_DMASK: tl.constexpr, NORMALIZE: tl.constexpr, ARGMAX: tl.constexpr,
+    MASK_BLOCK: tl.constexpr, HAS_QMASK: tl.constexpr, HAS_DMASK: tl.constexpr, NORMALIZE: tl.constexpr,
+    ARGMAX: tl.constexpr,
     PARTIAL: tl.constexpr, SINGLE_D: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -175,10 +194,13 @@ def _maxsim_fwd_kernel(
         n = nb * DOCS + j
         if n < Dn:
             n64 = n.to(tl.int64)
+            dm_base = dm_ptr + p64 * sdm_p + n64 * sdm_n
+            l_end = l_hi
+            if HAS_DMASK:
+                l_end = _mask_end(dm_base, sdm_l, l_lo, l_hi, MASK_BLOCK)
             best, best_idx = _doc_best(
-                q_tile, q_rows, q_in, q_inv,
-                d_ptr + p64 * sd_p + n64 * sd_n, dm_ptr + p64 * sdm_p + n64 * sdm_n,
-                l_lo, l_hi, D, sq_k, sd_l, sd_k, sdm_l,
+                q_tile, q_rows, q_in, q_inv, d_ptr + p64 * sd_p + n64 * sd_n, dm_base,
+                l_lo, l_end, D, sq_k, sd_l, sd_k, sdm_l,
                 BLOCK_Q, BLOCK_L, BLOCK_D, HAS_DMASK, NORMALIZE, ARGMAX, SINGLE_D, PREC,
             )  # fmt: skip
             row = pq.to(tl.int64) * Dn + n64
@@ -268,15 +290,38 @@ def poison(*tensors: torch.Tensor | None) -> None:
             t.fill_(float("nan") if t.is_floating_point() else -7)
 
 
+_NO_SWITCH = contextlib.nullcontext()
+
+
 def launch_device(device: torch.device):
-    """``torch.cuda.device(device)`` for CUDA tensors (launch on the tensors' GPU); nothing otherwise."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    """``torch.cuda.device(device)`` when the tensors' GPU is not the current one; nothing otherwise."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return _NO_SWITCH
+    return torch.cuda.device(device)
 
 
 def as_bytes(mask: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     if mask is None:
         return fallback, (0, 0, 0)
     return mask.view(torch.uint8), tuple(mask.stride())
+
+
+_PLANS: dict = {}  # launch plans by (device, dtype, sizes): the table lookup and split plan, once per shape
+
+
+def _padded_plan(device, dtype, P, Qn, Lq, D, Dn, Ld, config, n_split):
+    cfg = config or forward_config(device, Lq, D, dtype)
+    block_q, block_l, block_d = blocks(cfg, Lq, Ld, D)
+    docs = max(1, min(cfg.docs, Dn))
+    n_qb = triton.cdiv(Lq, block_q)
+    n_doc_blocks = triton.cdiv(Dn, docs)
+    programs = P * Qn * n_doc_blocks * n_qb
+    if n_split is None:
+        n_split, split_len = plan_split(programs, Ld, block_l, cfg, device_info(device)[1])
+    else:
+        split_len = triton.cdiv(triton.cdiv(Ld, block_l), n_split) * block_l
+        n_split = triton.cdiv(Ld, split_len)
+    return cfg, block_q, block_l, block_d, docs, n_qb, n_doc_blocks, n_split, split_len, programs
 
 
 def maxsim_fwd(
@@ -311,17 +356,15 @@ def maxsim_fwd(
     argmax = torch.empty(P, Qn, Dn, Lq, dtype=torch.int32, device=q.device) if return_argmax else None
     if R == 0:
         return scores, argmax
-    cfg = config or forward_config(q.device, Lq, D, q.dtype)
-    block_q, block_l, block_d = blocks(cfg, Lq, Ld, D)
-    docs = max(1, min(cfg.docs, Dn))
-    n_qb = triton.cdiv(Lq, block_q)
-    n_doc_blocks = triton.cdiv(Dn, docs)
-    programs = P * Qn * n_doc_blocks * n_qb
-    if n_split is None:
-        n_split, split_len = plan_split(programs, Ld, block_l, cfg, device_info(q.device)[1])
-    else:
-        split_len = triton.cdiv(triton.cdiv(Ld, block_l), n_split) * block_l
-        n_split = triton.cdiv(Ld, split_len)
+    key = (q.device, q.dtype, P, Qn, Lq, D, Dn, Ld)
+    plan = _PLANS.get(key) if config is None and n_split is None else None
+    if plan is None:
+        plan = _padded_plan(q.device, q.dtype, P, Qn, Lq, D, Dn, Ld, config, n_split)
+        if config is None and n_split is None:
+            if len(_PLANS) > 4096:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    cfg, block_q, block_l, block_d, docs, n_qb, n_doc_blocks, n_split, split_len, programs = plan
     partial = n_split > 1
     pmax = pidx = None
     score_out = scores
@@ -343,8 +386,8 @@ def maxsim_fwd(
             *q.stride(), *d.stride(), *qm_strides, *dm_strides,
             n_qb, n_split, n_doc_blocks, split_len,
             BLOCK_Q=block_q, BLOCK_L=block_l, BLOCK_D=block_d, DOCS=docs,
-            HAS_QMASK=q_mask is not None, HAS_DMASK=d_mask is not None, NORMALIZE=normalize,
-            ARGMAX=return_argmax, PARTIAL=partial, SINGLE_D=D <= block_d, PREC=dot_precision(q.dtype),
+            MASK_BLOCK=min(1024, _pow2_at_least(split_len)), HAS_QMASK=q_mask is not None,
+            HAS_DMASK=d_mask is not None, NORMALIZE=normalize, ARGMAX=return_argmax, PARTIAL=partial, SINGLE_D=D <= block_d, PREC=dot_precision(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         if partial:
