@@ -50,6 +50,7 @@ CHOICES = {
         "docs": [1, 2, 4],
         "num_warps": [4, 8],
         "block_d": [64, 128],
+        "lane_max": [True, False],
     },
     "flops": {
         "block_q": [128, 256],
@@ -57,6 +58,7 @@ CHOICES = {
         "num_warps": [4, 8],
         "num_stages": [2, 3, 4],
         "split_waves": [1.0, 4.0],
+        "lane_max": [False, True],
     },
 }
 CHOICES["mid"] = CHOICES["flops"]

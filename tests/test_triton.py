@@ -32,6 +32,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.float16)
 # a small config that forces several query blocks, several documents per program and D chunks
 SMALL = configs.FwdConfig(block_q=16, block_l=16, block_d=16, docs=3, num_warps=4, num_stages=1)
+# the same with one reduction per tile (the FLOP-bound variant of the tile loop)
+SMALL_TILE_MAX = configs.FwdConfig(
+    block_q=16, block_l=16, block_d=16, docs=1, num_warps=4, num_stages=1, lane_max=False
+)
 
 
 def test_kernels_run_here():
@@ -130,10 +134,19 @@ def test_strided_views_in_place(dtype):
     check(scores, argmax, q, d)
 
 
+TILE_CASES = [  # (config, n_split, normalize)
+    pytest.param(SMALL, None, False, id="lane-max-raw"),
+    pytest.param(SMALL, 3, False, id="lane-max-split-raw"),
+    pytest.param(SMALL, None, True, id="lane-max-normalize"),
+    pytest.param(SMALL, 3, True, id="lane-max-split-normalize"),
+    pytest.param(SMALL_TILE_MAX, 3, False, id="tile-max-split-raw"),
+    pytest.param(SMALL_TILE_MAX, None, True, id="tile-max-normalize"),
+]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
-@pytest.mark.parametrize("n_split", [None, 3])
-def test_small_tiles_splits_and_ties(n_split, normalize, dtype):
+@pytest.mark.parametrize(("cfg", "n_split", "normalize"), TILE_CASES)
+def test_small_tiles_splits_and_ties(cfg, n_split, normalize, dtype):
     """Several query blocks, documents per program, D chunks and document splits; integer ties."""
     g = torch.Generator().manual_seed(5)
     q = integer_tokens((2, 2, 20, 20), dtype, generator=g)  # 2 query blocks, 2 D chunks of SMALL
@@ -143,10 +156,10 @@ def test_small_tiles_splits_and_ties(n_split, normalize, dtype):
     d_mask[..., 39] = True
     qd, dd, qm, dm = to_dev(q, d, q_mask, d_mask)
     scores, argmax = maxsim_fwd(
-        qd, dd, qm, dm, normalize=normalize, return_argmax=True, config=SMALL, n_split=n_split
+        qd, dd, qm, dm, normalize=normalize, return_argmax=True, config=cfg, n_split=n_split
     )
     no_argmax, none = maxsim_fwd(
-        qd, dd, qm, dm, normalize=normalize, return_argmax=False, config=SMALL, n_split=n_split
+        qd, dd, qm, dm, normalize=normalize, return_argmax=False, config=cfg, n_split=n_split
     )
     assert none is None
     assert torch.equal(scores, no_argmax)
@@ -183,9 +196,10 @@ def test_normalize(dtype):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("cfg", [SMALL, SMALL_TILE_MAX], ids=["lane-max", "tile-max"])
 @pytest.mark.parametrize("n_split", [None, 2])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_nan_inf_and_masked_garbage(dtype, n_split):
+def test_nan_inf_and_masked_garbage(dtype, n_split, cfg):
     """NaN wins (the first NaN), masked tokens never take part whatever they hold, all -inf: first real."""
     g = torch.Generator().manual_seed(13)
     q = integer_tokens((1, 1, 4, 16), dtype, generator=g)
@@ -203,7 +217,7 @@ def test_nan_inf_and_masked_garbage(dtype, n_split):
     d_mask[0, 2, :3] = False  # ... and the masked token 0 (+inf) must not win: the first real is 3
     qd, dd, dm = to_dev(q, d, d_mask)
     scores, argmax = maxsim_fwd(
-        qd, dd, None, dm, normalize=False, return_argmax=True, config=SMALL, n_split=n_split
+        qd, dd, None, dm, normalize=False, return_argmax=True, config=cfg, n_split=n_split
     )
     check(scores, argmax, q[:, :, None], d[:, None], d_mask=d_mask[:, None], exact_argmax=True)
     assert argmax[0, 0, 0, [0, 2, 3]].tolist() == [7, 7, 7]  # (token 1's inf * 0 is NaN already at 0)

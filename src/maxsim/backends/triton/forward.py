@@ -62,6 +62,15 @@ def _load_query(
 
 
 @triton.jit
+def _row_nanmax(x):
+    """Max of each row of a 2-D block, NaN winning."""
+    if INTERPRETED:  # the interpreter runs a custom reduction element by element: built-ins instead
+        return tl.where(tl.max((x != x).to(tl.int32), 1) > 0, float("nan"), tl.max(x, 1))
+    else:
+        return tl.reduce(x, 1, _nanmax)
+
+
+@triton.jit
 def _mask_end(dm_base, sdm_l, l_lo, l_hi, MASK_BLOCK: tl.constexpr):
     """One past the last real token of a document's mask in ``[l_lo, l_hi)`` (``l_lo`` if none): the
     tile loop stops there, so the padding of a length-masked document costs neither bytes nor tiles."""
@@ -78,17 +87,22 @@ def _doc_best(
     q_tile, q_rows, q_in, q_inv, d_base, dm_base, l_lo, l_hi, D, sq_k, sd_l, sd_k, sdm_l,
     BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DMASK: tl.constexpr,
     NORMALIZE: tl.constexpr, ARGMAX: tl.constexpr, SINGLE_D: tl.constexpr, PREC: tl.constexpr,
+    LANE_MAX: tl.constexpr,
 ):  # fmt: skip
     """Max (NaN wins) and its first index per query row over document tokens ``[l_lo, l_hi)``.
 
-    The running maximum is kept elementwise over a ``[BLOCK_Q, BLOCK_L]`` tile (each column lane sees the
-    tiles in token order, a strict ``>`` keeps its first winner) and reduced across lanes once at the end:
-    no cross-lane reduction per tile.
+    LANE_MAX: the running maximum is kept elementwise over a ``[BLOCK_Q, BLOCK_L]`` tile (each column lane
+    sees the tiles in token order, a strict ``>`` keeps its first winner) and reduced across lanes once at
+    the end: no cross-lane reduction per tile (the bytes-bound shapes). Otherwise each tile is reduced to
+    its row maxima and merged into a running ``[BLOCK_Q]`` (fewer live registers: the FLOP-bound shapes).
     """
     offs_l = tl.arange(0, BLOCK_L)
     offs_k = tl.arange(0, BLOCK_D)
-    run = tl.full([BLOCK_Q, BLOCK_L], float("-inf"), tl.float32)
-    run_idx = tl.full([BLOCK_Q, BLOCK_L], -1, tl.int32)
+    if LANE_MAX:
+        run = tl.full([BLOCK_Q, BLOCK_L], float("-inf"), tl.float32)
+        run_idx = tl.full([BLOCK_Q, BLOCK_L], -1, tl.int32)
+    best = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    best_idx = tl.full([BLOCK_Q], -1, tl.int32)
     for l0 in range(l_lo, l_hi, BLOCK_L):
         offs = l0 + offs_l
         real = offs < l_hi
@@ -118,22 +132,32 @@ def _doc_best(
         if NORMALIZE:
             d_inv = 1.0 / tl.maximum(tl.sqrt(d_sq), 1e-12)
             acc = acc * q_inv[:, None] * d_inv[None, :]
+        if LANE_MAX:
+            if ARGMAX:
+                take = real[None, :] & ((run_idx < 0) | (acc > run) | ((acc != acc) & (run == run)))
+                run = tl.where(take, acc, run)
+                run_idx = tl.where(take, offs[None, :], run_idx)
+            else:
+                run = _nanmax(run, tl.where(real[None, :], acc, float("-inf")))
+        else:  # one cross-lane reduction per tile: fewer live registers (the FLOP-bound tiles)
+            sim = tl.where(real[None, :], acc, float("-inf"))
+            tile_max = _row_nanmax(sim)
+            if ARGMAX:
+                tile_nan = tile_max != tile_max
+                hit = real[None, :] & ((sim == tile_max[:, None]) | ((sim != sim) & tile_nan[:, None]))
+                tile_idx = tl.min(tl.where(hit, offs[None, :], 2**30), 1)
+                take = (tile_idx < 2**30) & ((best_idx < 0) | (tile_max > best) | (tile_nan & (best == best)))
+                best = tl.where(take, tile_max, best)
+                best_idx = tl.where(take, tile_idx, best_idx)
+            else:
+                best = _nanmax(best, tile_max)
+    if LANE_MAX:
+        best = _row_nanmax(run)
         if ARGMAX:
-            take = real[None, :] & ((run_idx < 0) | (acc > run) | ((acc != acc) & (run == run)))
-            run = tl.where(take, acc, run)
-            run_idx = tl.where(take, offs[None, :], run_idx)
-        else:
-            run = _nanmax(run, tl.where(real[None, :], acc, float("-inf")))
-    if INTERPRETED:  # the interpreter runs a custom reduction element by element: built-ins instead
-        best = tl.where(tl.max((run != run).to(tl.int32), 1) > 0, float("nan"), tl.max(run, 1))
-    else:
-        best = tl.reduce(run, 1, _nanmax)
-    best_idx = tl.full([BLOCK_Q], -1, tl.int32)
-    if ARGMAX:
-        best_nan = best != best
-        hit = (run_idx >= 0) & ((run == best[:, None]) | ((run != run) & best_nan[:, None]))
-        first = tl.min(tl.where(hit, run_idx, 2**30), 1)
-        best_idx = tl.where(first < 2**30, first, -1)
+            best_nan = best != best
+            hit = (run_idx >= 0) & ((run == best[:, None]) | ((run != run) & best_nan[:, None]))
+            first = tl.min(tl.where(hit, run_idx, 2**30), 1)
+            best_idx = tl.where(first < 2**30, first, -1)
     return best, best_idx
 
 
@@ -165,7 +189,7 @@ def _maxsim_fwd_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, DOCS: tl.constexpr,
     MASK_BLOCK: tl.constexpr, HAS_QMASK: tl.constexpr, HAS_DMASK: tl.constexpr, NORMALIZE: tl.constexpr,
     ARGMAX: tl.constexpr,
-    PARTIAL: tl.constexpr, SINGLE_D: tl.constexpr, PREC: tl.constexpr,
+    PARTIAL: tl.constexpr, SINGLE_D: tl.constexpr, PREC: tl.constexpr, LANE_MAX: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     qb = pid % n_qb
@@ -201,7 +225,7 @@ def _maxsim_fwd_kernel(
             best, best_idx = _doc_best(
                 q_tile, q_rows, q_in, q_inv, d_ptr + p64 * sd_p + n64 * sd_n, dm_base,
                 l_lo, l_end, D, sq_k, sd_l, sd_k, sdm_l,
-                BLOCK_Q, BLOCK_L, BLOCK_D, HAS_DMASK, NORMALIZE, ARGMAX, SINGLE_D, PREC,
+                BLOCK_Q, BLOCK_L, BLOCK_D, HAS_DMASK, NORMALIZE, ARGMAX, SINGLE_D, PREC, LANE_MAX,
             )  # fmt: skip
             row = pq.to(tl.int64) * Dn + n64
             _write_best(
@@ -388,7 +412,7 @@ def maxsim_fwd(
             BLOCK_Q=block_q, BLOCK_L=block_l, BLOCK_D=block_d, DOCS=docs,
             MASK_BLOCK=min(1024, _pow2_at_least(split_len)), HAS_QMASK=q_mask is not None,
             HAS_DMASK=d_mask is not None, NORMALIZE=normalize, ARGMAX=return_argmax, PARTIAL=partial, SINGLE_D=D <= block_d, PREC=dot_precision(q.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            LANE_MAX=cfg.lane_max, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         if partial:
             combine(pmax, pidx, scores, argmax, R, Lq, n_split)

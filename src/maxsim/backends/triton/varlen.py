@@ -33,7 +33,7 @@ def _maxsim_varlen_kernel(
     Nd, D, R, MAX_LQ, sq_l, sq_k, sd_l, sd_k, n_qb, n_split, split_len,
     BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, LISTED: tl.constexpr,
     NORMALIZE: tl.constexpr, ARGMAX: tl.constexpr, PARTIAL: tl.constexpr, SINGLE_D: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, LANE_MAX: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     qb = pid % n_qb
@@ -61,7 +61,7 @@ def _maxsim_varlen_kernel(
     l_hi = tl.where(qb * BLOCK_Q < lq, l_hi, l_lo)  # a query block past the query reads nothing
     best, best_idx = _doc_best(
         q_tile, q_rows, q_in, q_inv, d_ptr + d_start * sd_l, d_ptr, l_lo, l_hi, D, sq_k, sd_l, sd_k, 0,
-        BLOCK_Q, BLOCK_L, BLOCK_D, False, NORMALIZE, ARGMAX, SINGLE_D, PREC,
+        BLOCK_Q, BLOCK_L, BLOCK_D, False, NORMALIZE, ARGMAX, SINGLE_D, PREC, LANE_MAX,
     )  # fmt: skip
     _write_best(
         best, best_idx, q_in, offs_q, pair.to(tl.int64), split, R, score_ptr, argmax_ptr, pmax_ptr, pidx_ptr,
@@ -133,7 +133,7 @@ def maxsim_varlen_fwd(
             nd, D, R, max_lq, *q.stride(), *d.stride(), n_qb, n_split, split_len,
             BLOCK_Q=block_q, BLOCK_L=block_l, BLOCK_D=block_d, LISTED=listed, NORMALIZE=normalize,
             ARGMAX=return_argmax, PARTIAL=partial, SINGLE_D=D <= block_d, PREC=dot_precision(q.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            LANE_MAX=cfg.lane_max, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         if partial:
             combine(pmax, pidx, scores, argmax, R, max_lq, n_split)
