@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from types import ModuleType
 
@@ -14,13 +13,18 @@ import torch
 NAMES = ("torch", "triton", "reference")
 
 
-@functools.cache
+_TRITON: dict[str, bool] = {}  # a plain cache: torch.compile traces through functools caches with a warning
+
+
 def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # not installed, or broken: the torch backend serves
-        return False
-    return True
+    if "ok" not in _TRITON:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON["ok"] = True
+        except Exception:  # not installed, or broken: the torch backend serves
+            _TRITON["ok"] = False
+    return _TRITON["ok"]
 
 
 def backend_name(device: torch.device) -> str:

@@ -267,8 +267,17 @@ def _maxsim_combine_kernel(
     tl.store(score_ptr + row, tl.sum(total, 0))
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceil division of Python ints (triton's own helper costs microseconds per call)."""
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def _pow2_at_least(n: int, low: int = 16) -> int:
-    return max(low, triton.next_power_of_2(max(int(n), 1)))
+    return max(low, _next_pow2(max(int(n), 1)))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -289,13 +298,13 @@ def blocks(cfg: FwdConfig, lq: int, ld: int, dim: int) -> tuple[int, int, int]:
 
 def plan_split(programs: int, ld: int, block_l: int, cfg: FwdConfig, sms: int) -> tuple[int, int]:
     """(n_split, split_len): split the document axis when ``programs`` would not fill the GPU."""
-    tiles = triton.cdiv(ld, block_l)
+    tiles = cdiv(ld, block_l)
     target = int(cfg.split_waves * sms)
     n_split = 1
     if programs < target and tiles >= 2 * cfg.min_split_tiles:
-        n_split = min(triton.cdiv(target, max(programs, 1)), tiles // cfg.min_split_tiles)
-    split_len = triton.cdiv(tiles, max(n_split, 1)) * block_l
-    return triton.cdiv(ld, split_len), split_len
+        n_split = min(cdiv(target, max(programs, 1)), tiles // cfg.min_split_tiles)
+    split_len = cdiv(tiles, max(n_split, 1)) * block_l
+    return cdiv(ld, split_len), split_len
 
 
 def combine(pmax, pidx, scores, argmax, rows: int, lq_out: int, n_split: int) -> None:
@@ -337,14 +346,14 @@ def _padded_plan(device, dtype, P, Qn, Lq, D, Dn, Ld, config, n_split):
     cfg = config or forward_config(device, Lq, D, dtype)
     block_q, block_l, block_d = blocks(cfg, Lq, Ld, D)
     docs = max(1, min(cfg.docs, Dn))
-    n_qb = triton.cdiv(Lq, block_q)
-    n_doc_blocks = triton.cdiv(Dn, docs)
+    n_qb = cdiv(Lq, block_q)
+    n_doc_blocks = cdiv(Dn, docs)
     programs = P * Qn * n_doc_blocks * n_qb
     if n_split is None:
         n_split, split_len = plan_split(programs, Ld, block_l, cfg, device_info(device)[1])
     else:
-        split_len = triton.cdiv(triton.cdiv(Ld, block_l), n_split) * block_l
-        n_split = triton.cdiv(Ld, split_len)
+        split_len = cdiv(cdiv(Ld, block_l), n_split) * block_l
+        n_split = cdiv(Ld, split_len)
     return cfg, block_q, block_l, block_d, docs, n_qb, n_doc_blocks, n_split, split_len, programs
 
 

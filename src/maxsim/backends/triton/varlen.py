@@ -19,6 +19,7 @@ from .forward import (
     _load_query,
     _write_best,
     blocks,
+    cdiv,
     combine,
     dot_precision,
     launch_device,
@@ -108,13 +109,13 @@ def maxsim_varlen_fwd(
         return scores, argmax
     cfg = config or forward_config(q.device, max_lq, D, q.dtype)
     block_q, block_l, block_d = blocks(cfg, max_lq, max_ld, D)
-    n_qb = triton.cdiv(max_lq, block_q)
+    n_qb = cdiv(max_lq, block_q)
     programs = R * n_qb
     if n_split is None:
         n_split, split_len = plan_split(programs, max_ld, block_l, cfg, device_info(q.device)[1])
     else:
-        split_len = triton.cdiv(triton.cdiv(max_ld, block_l), n_split) * block_l
-        n_split = triton.cdiv(max_ld, split_len)
+        split_len = cdiv(cdiv(max_ld, block_l), n_split) * block_l
+        n_split = cdiv(max_ld, split_len)
     partial = n_split > 1
     pmax = pidx = None
     score_out = scores
