@@ -15,6 +15,8 @@ pairs ``Qn=Nq, Dn=Nd``: each a few large matrix products rather than many small 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import validate as check
@@ -40,6 +42,11 @@ class _Layout:
             else:
                 self.doc_only.append(dim)
         self.sizes = [self._numel(self.paired), self._numel(self.query_only), self._numel(self.doc_only)]
+        # Where the kept dims already stand in canonical order, one reshape is the whole view (the common case).
+        self.query_in_order = self.paired + self.query_only == sorted(self.paired + self.query_only)
+        self.doc_in_order = self.paired + self.doc_only == sorted(self.paired + self.doc_only)
+        kept = self.paired + self.query_only + self.doc_only
+        self.result_in_order = kept == sorted(kept)
 
     def _numel(self, dims) -> int:
         size = 1
@@ -47,9 +54,13 @@ class _Layout:
             size *= self.batch[dim]
         return size
 
-    def _canonical(self, x: torch.Tensor, own_batch: tuple, inner: list[int], tail: int) -> torch.Tensor:
+    def _canonical(
+        self, x: torch.Tensor, own_batch: tuple, inner: list[int], tail: int, in_order: bool
+    ) -> torch.Tensor:
         """``x [*own_batch, *trailing]`` as ``[P, n, *trailing]`` keeping dims ``paired + inner``."""
         trailing = x.shape[x.dim() - tail :]
+        if in_order:
+            return x.reshape(self.sizes[0], self._numel(inner), *trailing)
         x = x.reshape(own_batch + tuple(trailing))
         kept = self.paired + inner
         dropped = [dim for dim in range(len(own_batch)) if dim not in kept]
@@ -60,20 +71,27 @@ class _Layout:
 
     def query(self, x: torch.Tensor, tail: int) -> torch.Tensor:
         """q ``[..., Lq, D]`` (tail=2) or its mask ``[..., Lq]`` (tail=1) as ``[P, Qn, ...]``."""
-        return self._canonical(x, self.q_batch, self.query_only, tail)
+        return self._canonical(x, self.q_batch, self.query_only, tail, self.query_in_order)
 
     def document(self, x: torch.Tensor, tail: int) -> torch.Tensor:
         """d ``[..., Ld, D]`` (tail=2) or its mask ``[..., Ld]`` (tail=1) as ``[P, Dn, ...]``."""
-        return self._canonical(x, self.d_batch, self.doc_only, tail)
+        return self._canonical(x, self.d_batch, self.doc_only, tail, self.doc_in_order)
 
     def restore(self, x: torch.Tensor) -> torch.Tensor:
         """``[P, Qn, Dn, *trailing]`` back to ``[*batch, *trailing]``."""
         trailing = tuple(x.shape[3:])
+        if self.result_in_order:
+            return x.reshape(tuple(self.batch) + trailing)
         kept = self.paired + self.query_only + self.doc_only
         x = x.reshape([self.batch[dim] for dim in kept] + list(trailing))
         order = sorted(kept)
         x = x.permute([kept.index(dim) for dim in order] + list(range(len(kept), x.dim())))
         return x.reshape(tuple(self.batch) + trailing)
+
+
+@functools.lru_cache(maxsize=512)
+def _layout(q_batch: tuple, d_batch: tuple, batch: tuple) -> _Layout:
+    return _Layout(q_batch, d_batch, batch)
 
 
 def maxsim(
@@ -122,7 +140,7 @@ def maxsim(
     batch = check.broadcast_batch(q, d)
     q_mask = check.token_mask(q, q_mask, q_lengths, "q", check_values=validate, require_real=False)
     d_mask = check.token_mask(d, d_mask, d_lengths, "d", check_values=validate, require_real=True)
-    layout = _Layout(q.shape[:-2], d.shape[:-2], batch)
+    layout = _layout(tuple(q.shape[:-2]), tuple(d.shape[:-2]), batch)
     scores, argmax = get_backend(q.device).maxsim_padded(
         layout.query(q, 2),
         layout.document(d, 2),
