@@ -193,14 +193,18 @@ def maxsim_varlen(
     check.check_tokens(d, "d", rank=2, allow_float64=True)
     check.check_pair(q, d)
     # the device check runs inside, before any value of cu_seqlens is read
-    check.check_cu_seqlens(
+    longest_q = check.check_cu_seqlens(
         cu_seqlens_q, "cu_seqlens_q", q.shape[0], "q", check_values=validate, device=q.device
     )
-    check.check_cu_seqlens(
+    longest_d = check.check_cu_seqlens(
         cu_seqlens_d, "cu_seqlens_d", d.shape[0], "d", check_values=validate, device=q.device
     )
-    max_lq = check.check_max_seqlen(max_seqlen_q, cu_seqlens_q, "max_seqlen_q", check_values=validate)
-    max_ld = check.check_max_seqlen(max_seqlen_d, cu_seqlens_d, "max_seqlen_d", check_values=validate)
+    max_lq = check.check_max_seqlen(
+        max_seqlen_q, cu_seqlens_q, "max_seqlen_q", check_values=validate, longest=longest_q
+    )
+    max_ld = check.check_max_seqlen(
+        max_seqlen_d, cu_seqlens_d, "max_seqlen_d", check_values=validate, longest=longest_d
+    )
     q_ids = d_ids = None
     if pairs is not None:
         nq, nd = cu_seqlens_q.shape[0] - 1, cu_seqlens_d.shape[0] - 1

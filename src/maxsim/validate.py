@@ -157,10 +157,11 @@ def check_cu_seqlens(
     check_values: bool,
     device: torch.device | None = None,
     device_name: str = "q",
-) -> None:
+) -> int | None:
     """``cu`` is int32/int64 ``[N+1]``: 0, non-decreasing, no empty segment, ending at ``total``.
 
     With ``device``, ``cu`` must be on it (named after ``device_name``); checked before any value is read.
+    Returns the longest segment when the values are checked (read in the same, single device->host sync).
     """
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be an int32 or int64 torch.Tensor, got {type(cu).__name__}")
@@ -171,29 +172,34 @@ def check_cu_seqlens(
     if device is not None:
         check_device(cu, name, device, device_name)
     if not check_values:
-        return
-    if int(cu[0]) != 0:
-        raise ValueError(f"{name} must start at 0, got {int(cu[0])}")
-    if int(cu[-1]) != total:
-        raise ValueError(f"{name} must end at the token count of {tokens_name} ({total}), got {int(cu[-1])}")
+        return None
     steps = cu[1:] - cu[:-1]
-    if bool((steps < 0).any()):
+    first, last, shortest, longest = torch.stack([cu[0], cu[-1], *torch.aminmax(steps)]).tolist()
+    if first != 0:
+        raise ValueError(f"{name} must start at 0, got {first}")
+    if last != total:
+        raise ValueError(f"{name} must end at the token count of {tokens_name} ({total}), got {last}")
+    if shortest < 0:
         raise ValueError(f"{name} must be non-decreasing")
-    if bool((steps == 0).any()):
+    if shortest == 0:
         empty = int((steps == 0).nonzero()[0, 0])
         raise ValueError(f"{name} holds an empty segment (sequence {empty} has no token)")
+    return longest
 
 
-def check_max_seqlen(value, cu: torch.Tensor, name: str, *, check_values: bool) -> int:
-    """``max_seqlen`` as a Python int; None costs one device->host sync to compute it."""
+def check_max_seqlen(
+    value, cu: torch.Tensor, name: str, *, check_values: bool, longest: int | None = None
+) -> int:
+    """``max_seqlen`` as a Python int; None costs one device->host sync to compute it, unless ``longest``
+    (the longest segment of ``cu``, as ``check_cu_seqlens`` returns it) is known."""
     if value is None:
-        return int((cu[1:] - cu[:-1]).max())
+        return longest if longest is not None else int((cu[1:] - cu[:-1]).max())
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be a Python int (or None), got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     if check_values:
-        actual = int((cu[1:] - cu[:-1]).max())
+        actual = longest if longest is not None else int((cu[1:] - cu[:-1]).max())
         if value < actual:
             raise ValueError(f"{name}={value} is smaller than the longest sequence ({actual})")
     return value
@@ -217,7 +223,7 @@ def check_pairs(
             raise ValueError(f"{name} must have shape [P], got {tuple(ids.shape)}")
         check_device(ids, name, device, "q")
         if check_values and ids.numel() > 0:
-            low, high = int(ids.min()), int(ids.max())
+            low, high = torch.stack(torch.aminmax(ids)).tolist()  # one device->host sync
             if low < 0 or high >= count:
                 raise ValueError(f"{name} must lie in [0, {count - 1}], got [{low}, {high}]")
         checked.append(ids.long())
