@@ -98,8 +98,10 @@ def _check_index_tensor(x, name: str, device: torch.device, ref_name: str) -> No
     _v.check_device(x, name, device, ref_name)
 
 
-def _check_offsets(offsets, name: str, tokens: torch.Tensor, tokens_name: str, *, check_values: bool) -> None:
-    _v.check_cu_seqlens(
+def _check_offsets(
+    offsets, name: str, tokens: torch.Tensor, tokens_name: str, *, check_values: bool
+) -> int | None:
+    return _v.check_cu_seqlens(
         offsets, name, tokens.shape[0], tokens_name,
         check_values=check_values, device=tokens.device, device_name=tokens_name,
     )  # fmt: skip
@@ -171,7 +173,7 @@ def _packed(
     _check_tokens(queries, "queries", 2)
     _check_tokens(documents, "documents", 2)
     _v.check_pair(queries, documents, q_name="queries", d_name="documents")
-    _check_offsets(query_offsets, "query_offsets", queries, "queries", check_values=validate)
+    longest_q = _check_offsets(query_offsets, "query_offsets", queries, "queries", check_values=validate)
     _check_offsets(document_offsets, "document_offsets", documents, "documents", check_values=validate)
     _check_pair_ids(
         pair_query_ids,
@@ -181,7 +183,7 @@ def _packed(
         queries,
         check_values=validate,
     )
-    mql = _v.check_max_seqlen(max_q_len, query_offsets, "max_q_len", check_values=validate)
+    mql = _v.check_max_seqlen(max_q_len, query_offsets, "max_q_len", check_values=validate, longest=longest_q)
     out = _maxsim_varlen(
         queries,
         query_offsets,
@@ -274,38 +276,6 @@ def score_pairs_packed_with_argmax(
     )
 
 
-def score_pairs_packed_train(
-    queries: torch.Tensor,
-    query_offsets: torch.Tensor,
-    documents: torch.Tensor,
-    document_offsets: torch.Tensor,
-    pair_query_ids: torch.Tensor,
-    pair_document_ids: torch.Tensor,
-    *,
-    max_q_len: int | None = None,
-    validate: bool = True,
-) -> torch.Tensor:
-    """Differentiable :func:`score_pairs_packed`, the training entry point.
-
-    Arguments as in :func:`score_pairs_packed`; the offsets and ids are not differentiable. The gradient
-    of each max flows to its argmax; gradients come back in the input dtype.
-
-    Returns:
-        float32 ``[num_pairs]``.
-    """
-    return _packed(
-        queries,
-        query_offsets,
-        documents,
-        document_offsets,
-        pair_query_ids,
-        pair_document_ids,
-        max_q_len,
-        validate,
-        False,
-    )
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Padded reranking candidates
 # ---------------------------------------------------------------------------------------------------------
@@ -381,25 +351,6 @@ def score_candidates_padded_with_argmax(
     return _padded(queries, documents, query_lengths, doc_lengths, validate, True)
 
 
-def score_candidates_padded_train(
-    queries: torch.Tensor,
-    documents: torch.Tensor,
-    query_lengths: torch.Tensor,
-    doc_lengths: torch.Tensor,
-    *,
-    validate: bool = True,
-) -> torch.Tensor:
-    """Differentiable :func:`score_candidates_padded`, the training entry point.
-
-    Arguments as in :func:`score_candidates_padded`; the lengths are not differentiable. Padding tokens
-    get zero gradient; gradients come back in the input dtype.
-
-    Returns:
-        float32 ``[B, C]``.
-    """
-    return _padded(queries, documents, query_lengths, doc_lengths, validate, False)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Contrastive: every query against every packed document
 # ---------------------------------------------------------------------------------------------------------
@@ -473,22 +424,11 @@ def score_contrastive_with_argmax(
     return _contrastive(queries, documents, document_offsets, validate, True)
 
 
-def score_contrastive_train(
-    queries: torch.Tensor,
-    documents: torch.Tensor,
-    document_offsets: torch.Tensor,
-    *,
-    validate: bool = True,
-) -> torch.Tensor:
-    """Differentiable :func:`score_contrastive`, the training entry point (InfoNCE and kin).
-
-    Arguments as in :func:`score_contrastive`; the offsets are not differentiable. Gradients come back in
-    the input dtype.
-
-    Returns:
-        float32 ``[Nq, Nb]``.
-    """
-    return _contrastive(queries, documents, document_offsets, validate, False)
+# The training entry points of the original are the same functions here: every form is differentiable in
+# ``queries`` and ``documents`` (the gradient of each max flows to its argmax, in the input dtype).
+score_pairs_packed_train = score_pairs_packed
+score_candidates_padded_train = score_candidates_padded
+score_contrastive_train = score_contrastive
 
 
 # ---------------------------------------------------------------------------------------------------------
