@@ -335,7 +335,8 @@ def forward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq, max_ld, normalize,
     # and half the budget at a time elsewhere; the blocks scored from them get the other half.
     budget = max(memory_budget() // 2, 1)
     gather_limit = _similarity_block_bytes(q.device, budget) // (4 if q.device.type == "cpu" else 1)
-    similarity_rows = _similarity_block_bytes(q.device, budget) // (q.shape[0] * item)
+    copies_d = normalize or d.dtype != _compute_dtype(d.dtype)  # a packed block is then copied too
+    similarity_rows = _similarity_block_bytes(q.device, budget) // ((q.shape[0] + copies_d * D) * item)
     if q_ids is None and not need_argmax and q.device.type == "cpu" and max_ld <= similarity_rows:
         return _all_pairs_scores_packed(q, cu_q, d, cu_d, normalize=normalize, rows=similarity_rows), None
     if q_ids is None:  # all pairs: every query against blocks of padded documents
