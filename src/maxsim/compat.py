@@ -153,6 +153,14 @@ def _zero_beyond_length(argmax: torch.Tensor, width: int | None = None) -> torch
     return argmax
 
 
+def _compat_output(out, return_argmax: bool, width: int | None = None):
+    """An API result as the original returns it: scores, or ``(scores, argmax)`` with 0 beyond lengths."""
+    if not return_argmax:
+        return out
+    scores, argmax = out
+    return scores, _zero_beyond_length(argmax, width)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Packed (ragged) pairs
 # ---------------------------------------------------------------------------------------------------------
@@ -194,10 +202,7 @@ def _packed(
         return_argmax=return_argmax,
         validate=False,  # every value check ran above, under the original's argument names
     )
-    if not return_argmax:
-        return out
-    scores, argmax = out
-    return scores, _zero_beyond_length(argmax, mql)
+    return _compat_output(out, return_argmax, mql)
 
 
 def score_pairs_packed(
@@ -302,10 +307,7 @@ def _padded(queries, documents, query_lengths, doc_lengths, validate: bool, retu
         return_argmax=return_argmax,
         validate=False,  # every value check ran above, under the original's argument names
     )
-    if not return_argmax:
-        return out
-    scores, argmax = out
-    return scores, _zero_beyond_length(argmax)
+    return _compat_output(out, return_argmax)
 
 
 def score_candidates_padded(
@@ -376,10 +378,7 @@ def _contrastive(queries, documents, document_offsets, validate: bool, return_ar
         return_argmax=return_argmax,
         validate=False,  # every value check ran above, under the original's argument names
     )
-    if not return_argmax:
-        return out
-    scores, argmax = out
-    return scores, _zero_beyond_length(argmax, Lq)
+    return _compat_output(out, return_argmax, Lq)
 
 
 def score_contrastive(
