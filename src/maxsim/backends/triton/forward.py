@@ -296,12 +296,15 @@ def blocks(cfg: FwdConfig, lq: int, ld: int, dim: int) -> tuple[int, int, int]:
     )
 
 
-def plan_split(programs: int, ld: int, block_l: int, cfg: FwdConfig, sms: int) -> tuple[int, int]:
-    """(n_split, split_len): split the document axis when ``programs`` would not fill the GPU."""
+def plan_split(
+    programs: int, ld: int, block_l: int, cfg: FwdConfig, sms: int, forced: int | None = None
+) -> tuple[int, int]:
+    """(n_split, split_len): split the document axis when ``programs`` would not fill the GPU, or into
+    ``forced`` pieces (tests, autotuning); a split covers whole ``block_l`` tiles."""
     tiles = cdiv(ld, block_l)
+    n_split = 1 if forced is None else forced
     target = int(cfg.split_waves * sms)
-    n_split = 1
-    if programs < target and tiles >= 2 * cfg.min_split_tiles:
+    if forced is None and programs < target and tiles >= 2 * cfg.min_split_tiles:
         n_split = min(cdiv(target, max(programs, 1)), tiles // cfg.min_split_tiles)
     split_len = cdiv(tiles, max(n_split, 1)) * block_l
     return cdiv(ld, split_len), split_len
@@ -314,6 +317,31 @@ def combine(pmax, pidx, scores, argmax, rows: int, lq_out: int, n_split: int) ->
         rows, lq_out, n_split,
         BLOCK_Q=min(128, _pow2_at_least(lq_out)), ARGMAX=argmax is not None, num_warps=4,
     )  # fmt: skip
+
+
+def partial_outputs(scores, argmax, rows: int, lq: int, n_split: int, n_qb: int):
+    """What the kernel writes before the final ``scores``: per-split maxima (and argmax) ``[n_split, rows,
+    lq]`` when the document axis is split, else per-query-block sums ``[n_qb, *scores.shape]`` when the
+    query is, else ``scores`` itself. Returns ``(score_out, pmax, pidx)``."""
+    pmax = pidx = None
+    score_out = scores
+    if n_split > 1:
+        pmax = torch.empty(n_split, rows, lq, dtype=torch.float32, device=scores.device)
+        if argmax is not None:
+            pidx = torch.empty(n_split, rows, lq, dtype=torch.int32, device=scores.device)
+    elif n_qb > 1:
+        score_out = torch.empty(n_qb, *scores.shape, dtype=torch.float32, device=scores.device)
+    if POISON:
+        poison(scores, argmax, score_out, pmax, pidx)
+    return score_out, pmax, pidx
+
+
+def finish(score_out, pmax, pidx, scores, argmax, rows: int, lq: int, n_split: int) -> None:
+    """Reduce what ``partial_outputs`` gave the kernel into ``scores`` (and ``argmax``), deterministically."""
+    if n_split > 1:
+        combine(pmax, pidx, scores, argmax, rows, lq, n_split)
+    elif score_out is not scores:
+        torch.sum(score_out, dim=0, out=scores)
 
 
 def poison(*tensors: torch.Tensor | None) -> None:
@@ -349,11 +377,7 @@ def _padded_plan(device, dtype, P, Qn, Lq, D, Dn, Ld, config, n_split):
     n_qb = cdiv(Lq, block_q)
     n_doc_blocks = cdiv(Dn, docs)
     programs = P * Qn * n_doc_blocks * n_qb
-    if n_split is None:
-        n_split, split_len = plan_split(programs, Ld, block_l, cfg, device_info(device)[1])
-    else:
-        split_len = cdiv(cdiv(Ld, block_l), n_split) * block_l
-        n_split = cdiv(Ld, split_len)
+    n_split, split_len = plan_split(programs, Ld, block_l, cfg, device_info(device)[1], forced=n_split)
     return cfg, block_q, block_l, block_d, docs, n_qb, n_doc_blocks, n_split, split_len, programs
 
 
@@ -399,15 +423,7 @@ def maxsim_fwd(
             _PLANS[key] = plan
     cfg, block_q, block_l, block_d, docs, n_qb, n_doc_blocks, n_split, split_len, programs = plan
     partial = n_split > 1
-    pmax = pidx = None
-    score_out = scores
-    if partial:
-        pmax = torch.empty(n_split, R, Lq, dtype=torch.float32, device=q.device)
-        pidx = torch.empty(n_split, R, Lq, dtype=torch.int32, device=q.device) if return_argmax else None
-    elif n_qb > 1:
-        score_out = torch.empty(n_qb, P, Qn, Dn, dtype=torch.float32, device=q.device)
-    if POISON:
-        poison(scores, argmax, score_out, pmax, pidx)
+    score_out, pmax, pidx = partial_outputs(scores, argmax, R, Lq, n_split, n_qb)
     qm, qm_strides = as_bytes(q_mask, scores)
     dm, dm_strides = as_bytes(d_mask, scores)
     grid = (programs * n_split,)
@@ -423,8 +439,5 @@ def maxsim_fwd(
             HAS_DMASK=d_mask is not None, NORMALIZE=normalize, ARGMAX=return_argmax, PARTIAL=partial, SINGLE_D=D <= block_d, PREC=dot_precision(q.dtype),
             LANE_MAX=cfg.lane_max, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
-        if partial:
-            combine(pmax, pidx, scores, argmax, R, Lq, n_split)
-    if not partial and n_qb > 1:
-        torch.sum(score_out, dim=0, out=scores)
+        finish(score_out, pmax, pidx, scores, argmax, R, Lq, n_split)
     return scores, argmax

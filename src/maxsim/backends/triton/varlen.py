@@ -12,7 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import forward
 from .configs import FwdConfig, device_info, forward_config
 from .forward import (
     _doc_best,
@@ -20,11 +19,11 @@ from .forward import (
     _write_best,
     blocks,
     cdiv,
-    combine,
     dot_precision,
+    finish,
     launch_device,
+    partial_outputs,
     plan_split,
-    poison,
 )
 
 
@@ -111,21 +110,9 @@ def maxsim_varlen_fwd(
     block_q, block_l, block_d = blocks(cfg, max_lq, max_ld, D)
     n_qb = cdiv(max_lq, block_q)
     programs = R * n_qb
-    if n_split is None:
-        n_split, split_len = plan_split(programs, max_ld, block_l, cfg, device_info(q.device)[1])
-    else:
-        split_len = cdiv(cdiv(max_ld, block_l), n_split) * block_l
-        n_split = cdiv(max_ld, split_len)
+    n_split, split_len = plan_split(programs, max_ld, block_l, cfg, device_info(q.device)[1], forced=n_split)
     partial = n_split > 1
-    pmax = pidx = None
-    score_out = scores
-    if partial:
-        pmax = torch.empty(n_split, R, max_lq, dtype=torch.float32, device=q.device)
-        pidx = torch.empty(n_split, R, max_lq, dtype=torch.int32, device=q.device) if return_argmax else None
-    elif n_qb > 1:
-        score_out = torch.empty(n_qb, R, dtype=torch.float32, device=q.device)
-    if forward.POISON:
-        poison(scores, argmax, score_out, pmax, pidx)
+    score_out, pmax, pidx = partial_outputs(scores, argmax, R, max_lq, n_split, n_qb)
     with launch_device(q.device):
         _maxsim_varlen_kernel[(programs * n_split,)](
             q, d, cu_q, cu_d, q_ids if listed else cu_q, d_ids if listed else cu_d, score_out,
@@ -136,8 +123,5 @@ def maxsim_varlen_fwd(
             ARGMAX=return_argmax, PARTIAL=partial, SINGLE_D=D <= block_d, PREC=dot_precision(q.dtype),
             LANE_MAX=cfg.lane_max, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
-        if partial:
-            combine(pmax, pidx, scores, argmax, R, max_lq, n_split)
-    if not partial and n_qb > 1:
-        torch.sum(score_out, dim=0, out=scores.view(-1))
+        finish(score_out, pmax, pidx, scores, argmax, R, max_lq, n_split)
     return scores, argmax
