@@ -162,7 +162,7 @@ def test_wrong_provider_is_reported_not_timed(monkeypatch):
     class Off(baselines.Provider):
         name = "off-by-one"
 
-        def prepare(self, inp, *, graph=False):
+        def prepare(self, inp, *, sync_free=False):
             return lambda: baselines.naive_fn(inp)() + 1
 
     real = baselines.providers

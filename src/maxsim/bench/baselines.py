@@ -101,8 +101,9 @@ class Provider:
         """None when this provider can run on ``device`` at all, else a note saying why not."""
         return None
 
-    def prepare(self, inp: Inputs, *, graph: bool = False) -> Callable[[], torch.Tensor]:
-        """A callable returning the canonical scores of ``inp`` (``graph``: capturable in a CUDA graph)."""
+    def prepare(self, inp: Inputs, *, sync_free: bool = False) -> Callable[[], torch.Tensor]:
+        """A callable returning the canonical scores of ``inp`` (``sync_free``: without device->host syncs, so
+        capturable in a CUDA graph: ``validate=False`` for maxsim)."""
         raise NotImplementedError
 
 
@@ -122,11 +123,11 @@ class MaxSim(Provider):
         backend = self._backend or (default_backend(self._device) if self._device is not None else None)
         return f"{self.name} [{backend}]" if backend else self.name
 
-    def prepare(self, inp: Inputs, *, graph: bool = False) -> Callable[[], torch.Tensor]:
+    def prepare(self, inp: Inputs, *, sync_free: bool = False) -> Callable[[], torch.Tensor]:
         import maxsim
 
         q, d, lay = inp.q, inp.d, inp.layout
-        v = not graph  # CUDA graphs need the sync-free call
+        v = not sync_free
         if lay == "candidates":
             return lambda: maxsim.maxsim(q[:, None], d, validate=v)
         if lay == "all_pairs":
@@ -182,7 +183,7 @@ def _naive_varlen(q: torch.Tensor, d: torch.Tensor, lengths: torch.Tensor) -> to
 class Naive(Provider):
     name = "naive"
 
-    def prepare(self, inp: Inputs, *, graph: bool = False) -> Callable[[], torch.Tensor]:
+    def prepare(self, inp: Inputs, *, sync_free: bool = False) -> Callable[[], torch.Tensor]:
         return naive_fn(inp)
 
 
@@ -209,7 +210,7 @@ class Compile(Provider):
         self.spent_s = 0.0
         self.compile_s: float | None = None
 
-    def prepare(self, inp: Inputs, *, graph: bool = False) -> Callable[[], torch.Tensor]:
+    def prepare(self, inp: Inputs, *, sync_free: bool = False) -> Callable[[], torch.Tensor]:
         import time
 
         if self.budget_s is not None and self.spent_s >= self.budget_s:
@@ -266,7 +267,7 @@ class MaxSimCpu(Provider):
             return "not installed (pip install maxsim-cpu)"
         return None
 
-    def prepare(self, inp: Inputs, *, graph: bool = False) -> Callable[[], torch.Tensor]:
+    def prepare(self, inp: Inputs, *, sync_free: bool = False) -> Callable[[], torch.Tensor]:
         import maxsim_cpu
 
         if inp.train:
@@ -304,7 +305,7 @@ class FlashMaxSim(Provider):
             return "CUDA only"
         return _importable("flash_maxsim", "flash-maxsim")
 
-    def prepare(self, inp: Inputs, *, graph: bool = False) -> Callable[[], torch.Tensor]:
+    def prepare(self, inp: Inputs, *, sync_free: bool = False) -> Callable[[], torch.Tensor]:
         import flash_maxsim as fm
 
         q, d, lay = inp.q, inp.d, inp.layout
@@ -336,7 +337,7 @@ class LateInteractionKernels(Provider):
             return "CUDA only"
         return _importable("late_interaction_kernels", "late-interaction-kernels")
 
-    def prepare(self, inp: Inputs, *, graph: bool = False) -> Callable[[], torch.Tensor]:
+    def prepare(self, inp: Inputs, *, sync_free: bool = False) -> Callable[[], torch.Tensor]:
         import late_interaction_kernels as lik
 
         q, d, lay = inp.q, inp.d, inp.layout
