@@ -114,6 +114,20 @@ def test_wide_d(dtype):
     check(scores, q[:, None], d, argmax=argmax, normalize=True)
 
 
+def test_launch_cache_follows_alignment_and_strides():
+    """The launcher's compiled-kernel cache: one shape seen with aligned, misaligned (an element offset)
+    and transposed storage, in either order, gives the right scores every time."""
+    base_q = tokens((9, 33, 130), torch.bfloat16, 40)
+    base_d = tokens((9 * 5 * 70 * 130 + 1,), torch.bfloat16, 41)
+    aligned = base_d[: 9 * 5 * 70 * 130].view(9, 5, 70, 130)
+    shifted = base_d[1:].view(9, 5, 70, 130)  # 2-byte offset: not 16-byte aligned
+    strided = tokens((9, 5, 130, 70), torch.bfloat16, 42).transpose(-1, -2)  # token stride 1
+    q = base_q[:, :32, :128]
+    for d in (aligned, shifted, strided, aligned, shifted, strided):
+        d = d[..., :128]
+        check(maxsim.maxsim(q[:, None], d), q[:, None], d)
+
+
 def test_float32_is_exact_unless_tf32_is_allowed(monkeypatch):
     q = tokens((64, 128), torch.float32, 12) * 10
     d = tokens((50, 300, 128), torch.float32, 13) * 10

@@ -47,6 +47,9 @@ class _Layout:
         self.doc_in_order = self.paired + self.doc_only == sorted(self.paired + self.doc_only)
         kept = self.paired + self.query_only + self.doc_only
         self.result_in_order = kept == sorted(kept)
+        # Batch dims that already are [P, Qn] / [P, Dn] (pairs, candidates, q[:, None] with d[None]): no view.
+        self.query_as_is = tuple(q_batch) == (self.sizes[0], self.sizes[1])
+        self.doc_as_is = tuple(d_batch) == (self.sizes[0], self.sizes[2])
 
     def _numel(self, dims) -> int:
         size = 1
@@ -71,10 +74,14 @@ class _Layout:
 
     def query(self, x: torch.Tensor, tail: int) -> torch.Tensor:
         """q ``[..., Lq, D]`` (tail=2) or its mask ``[..., Lq]`` (tail=1) as ``[P, Qn, ...]``."""
+        if self.query_as_is:
+            return x
         return self._canonical(x, self.q_batch, self.query_only, tail, self.query_in_order)
 
     def document(self, x: torch.Tensor, tail: int) -> torch.Tensor:
         """d ``[..., Ld, D]`` (tail=2) or its mask ``[..., Ld]`` (tail=1) as ``[P, Dn, ...]``."""
+        if self.doc_as_is:
+            return x
         return self._canonical(x, self.d_batch, self.doc_only, tail, self.doc_in_order)
 
     def restore(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,19 +34,25 @@ def backend_name(device: torch.device) -> str:
     return "torch"
 
 
+_MODULES: dict[str, ModuleType] = {}
+
+
+def _module(name: str) -> ModuleType:
+    if name == "torch":
+        from . import torch_backend as module
+    elif name == "reference":
+        from . import reference_backend as module
+    elif name == "triton":
+        from . import triton as module
+    else:
+        raise ValueError(f"MAXSIM_BACKEND must be one of {', '.join(NAMES)}, got {name!r}")
+    return module
+
+
 def get_backend(device: torch.device) -> ModuleType:
     """The backend module for tensors on ``device``, honouring ``MAXSIM_BACKEND``."""
     name = os.environ.get("MAXSIM_BACKEND") or backend_name(device)
-    if name == "torch":
-        from . import torch_backend
-
-        return torch_backend
-    if name == "reference":
-        from . import reference_backend
-
-        return reference_backend
-    if name == "triton":
-        from . import triton as triton_backend
-
-        return triton_backend
-    raise ValueError(f"MAXSIM_BACKEND must be one of {', '.join(NAMES)}, got {name!r}")
+    module = _MODULES.get(name)
+    if module is None:
+        module = _MODULES[name] = _module(name)
+    return module

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .configs import FwdConfig, device_info, forward_config
+from .launch import Launcher
 
 EPS = 1e-12
 INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
@@ -267,6 +268,10 @@ def _maxsim_combine_kernel(
     tl.store(score_ptr + row, tl.sum(total, 0))
 
 
+_FWD = Launcher(_maxsim_fwd_kernel, INTERPRETED.value)
+_COMBINE = Launcher(_maxsim_combine_kernel, INTERPRETED.value)
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceil division of Python ints (triton's own helper costs microseconds per call)."""
     return -(-a // b)
@@ -312,11 +317,14 @@ def plan_split(
 
 def combine(pmax, pidx, scores, argmax, rows: int, lq_out: int, n_split: int) -> None:
     """Launch ``_maxsim_combine_kernel`` over ``rows`` rows of partial maxima."""
-    _maxsim_combine_kernel[(rows,)](
-        pmax, pidx if pidx is not None else pmax, scores, argmax if argmax is not None else scores,
-        rows, lq_out, n_split,
-        BLOCK_Q=min(128, _pow2_at_least(lq_out)), ARGMAX=argmax is not None, num_warps=4,
-    )  # fmt: skip
+    _COMBINE(
+        rows,
+        (pmax, pmax if pidx is None else pidx, scores, scores if argmax is None else argmax),
+        (rows, lq_out, n_split),
+        dict(BLOCK_Q=min(128, _pow2_at_least(lq_out)), ARGMAX=argmax is not None),
+        4,
+        2,
+    )
 
 
 def partial_outputs(scores, argmax, rows: int, lq: int, n_split: int, n_qb: int):
@@ -361,16 +369,13 @@ def launch_device(device: torch.device):
     return torch.cuda.device(device)
 
 
-def as_bytes(mask: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    if mask is None:
-        return fallback, (0, 0, 0)
-    return mask.view(torch.uint8), tuple(mask.stride())
+_NO_MASK = (0, 0, 0)
+
+_PLANS: dict = {}  # launch plans by (device, dtype, sizes, flags): table lookup, split plan, constexprs
 
 
-_PLANS: dict = {}  # launch plans by (device, dtype, sizes): the table lookup and split plan, once per shape
-
-
-def _padded_plan(device, dtype, P, Qn, Lq, D, Dn, Ld, config, n_split):
+def _padded_plan(device, dtype, P, Qn, Lq, D, Dn, Ld, flags, config, n_split):
+    has_qmask, has_dmask, normalize, return_argmax, prec = flags
     cfg = config or forward_config(device, Lq, D, dtype)
     block_q, block_l, block_d = blocks(cfg, Lq, Ld, D)
     docs = max(1, min(cfg.docs, Dn))
@@ -378,7 +383,13 @@ def _padded_plan(device, dtype, P, Qn, Lq, D, Dn, Ld, config, n_split):
     n_doc_blocks = cdiv(Dn, docs)
     programs = P * Qn * n_doc_blocks * n_qb
     n_split, split_len = plan_split(programs, Ld, block_l, cfg, device_info(device)[1], forced=n_split)
-    return cfg, block_q, block_l, block_d, docs, n_qb, n_doc_blocks, n_split, split_len, programs
+    constexprs = dict(
+        BLOCK_Q=block_q, BLOCK_L=block_l, BLOCK_D=block_d, DOCS=docs,
+        MASK_BLOCK=min(1024, _pow2_at_least(split_len)), HAS_QMASK=has_qmask, HAS_DMASK=has_dmask,
+        NORMALIZE=normalize, ARGMAX=return_argmax, PARTIAL=n_split > 1, SINGLE_D=D <= block_d, PREC=prec,
+        LANE_MAX=cfg.lane_max,
+    )  # fmt: skip
+    return cfg, n_qb, n_doc_blocks, n_split, split_len, programs, constexprs
 
 
 def maxsim_fwd(
@@ -407,37 +418,42 @@ def maxsim_fwd(
         scores float32 ``[P, Qn, Dn]`` and int32 argmax ``[P, Qn, Dn, Lq]`` or None.
     """
     P, Qn, Lq, D = q.shape
-    Dn, Ld = d.shape[1], d.shape[2]
+    _, Dn, Ld, _ = d.shape
+    device, dtype = q.device, q.dtype
     R = P * Qn * Dn
-    scores = torch.empty(P, Qn, Dn, dtype=torch.float32, device=q.device)
-    argmax = torch.empty(P, Qn, Dn, Lq, dtype=torch.int32, device=q.device) if return_argmax else None
+    scores = torch.empty(P, Qn, Dn, dtype=torch.float32, device=device)
+    argmax = torch.empty(P, Qn, Dn, Lq, dtype=torch.int32, device=device) if return_argmax else None
     if R == 0:
         return scores, argmax
-    key = (q.device, q.dtype, P, Qn, Lq, D, Dn, Ld)
+    flags = (q_mask is not None, d_mask is not None, normalize, return_argmax, dot_precision(dtype))
+    key = (device, dtype, P, Qn, Lq, D, Dn, Ld, flags)
     plan = _PLANS.get(key) if config is None and n_split is None else None
     if plan is None:
-        plan = _padded_plan(q.device, q.dtype, P, Qn, Lq, D, Dn, Ld, config, n_split)
+        plan = _padded_plan(device, dtype, P, Qn, Lq, D, Dn, Ld, flags, config, n_split)
         if config is None and n_split is None:
             if len(_PLANS) > 4096:
                 _PLANS.clear()
             _PLANS[key] = plan
-    cfg, block_q, block_l, block_d, docs, n_qb, n_doc_blocks, n_split, split_len, programs = plan
-    partial = n_split > 1
+    cfg, n_qb, n_doc_blocks, n_split, split_len, programs, constexprs = plan
     score_out, pmax, pidx = partial_outputs(scores, argmax, R, Lq, n_split, n_qb)
-    qm, qm_strides = as_bytes(q_mask, scores)
-    dm, dm_strides = as_bytes(d_mask, scores)
-    grid = (programs * n_split,)
-    with launch_device(q.device):
-        _maxsim_fwd_kernel[grid](
-            q, d, qm, dm, score_out, argmax if argmax is not None else scores,
-            pmax if pmax is not None else scores, pidx if pidx is not None else scores,
-            Qn, Dn, Lq, Ld, D, R,
-            *q.stride(), *d.stride(), *qm_strides, *dm_strides,
-            n_qb, n_split, n_doc_blocks, split_len,
-            BLOCK_Q=block_q, BLOCK_L=block_l, BLOCK_D=block_d, DOCS=docs,
-            MASK_BLOCK=min(1024, _pow2_at_least(split_len)), HAS_QMASK=q_mask is not None,
-            HAS_DMASK=d_mask is not None, NORMALIZE=normalize, ARGMAX=return_argmax, PARTIAL=partial, SINGLE_D=D <= block_d, PREC=dot_precision(q.dtype),
-            LANE_MAX=cfg.lane_max, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    with launch_device(device):
+        _FWD(
+            programs * n_split,
+            (
+                q, d, scores if q_mask is None else q_mask.view(torch.uint8),
+                scores if d_mask is None else d_mask.view(torch.uint8), score_out,
+                scores if argmax is None else argmax, scores if pmax is None else pmax,
+                scores if pidx is None else pidx,
+            ),
+            (
+                Qn, Dn, Lq, Ld, D, R, *q.stride(), *d.stride(),
+                *(_NO_MASK if q_mask is None else q_mask.stride()),
+                *(_NO_MASK if d_mask is None else d_mask.stride()),
+                n_qb, n_split, n_doc_blocks, split_len,
+            ),
+            constexprs,
+            cfg.num_warps,
+            cfg.num_stages,
         )  # fmt: skip
         finish(score_out, pmax, pidx, scores, argmax, R, Lq, n_split)
     return scores, argmax

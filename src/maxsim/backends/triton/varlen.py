@@ -14,6 +14,7 @@ import triton.language as tl
 
 from .configs import FwdConfig, device_info, forward_config
 from .forward import (
+    INTERPRETED,
     _doc_best,
     _load_query,
     _write_best,
@@ -25,6 +26,7 @@ from .forward import (
     partial_outputs,
     plan_split,
 )
+from .launch import Launcher
 
 
 @triton.jit
@@ -67,6 +69,9 @@ def _maxsim_varlen_kernel(
         best, best_idx, q_in, offs_q, pair.to(tl.int64), split, R, score_ptr, argmax_ptr, pmax_ptr, pidx_ptr,
         qb, MAX_LQ, ARGMAX, PARTIAL,
     )  # fmt: skip
+
+
+_VARLEN = Launcher(_maxsim_varlen_kernel, INTERPRETED.value)
 
 
 def maxsim_varlen_fwd(
@@ -114,14 +119,21 @@ def maxsim_varlen_fwd(
     partial = n_split > 1
     score_out, pmax, pidx = partial_outputs(scores, argmax, R, max_lq, n_split, n_qb)
     with launch_device(q.device):
-        _maxsim_varlen_kernel[(programs * n_split,)](
-            q, d, cu_q, cu_d, q_ids if listed else cu_q, d_ids if listed else cu_d, score_out,
-            argmax if argmax is not None else scores, pmax if pmax is not None else scores,
-            pidx if pidx is not None else scores,
-            nd, D, R, max_lq, *q.stride(), *d.stride(), n_qb, n_split, split_len,
-            BLOCK_Q=block_q, BLOCK_L=block_l, BLOCK_D=block_d, LISTED=listed, NORMALIZE=normalize,
-            ARGMAX=return_argmax, PARTIAL=partial, SINGLE_D=D <= block_d, PREC=dot_precision(q.dtype),
-            LANE_MAX=cfg.lane_max, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        _VARLEN(
+            programs * n_split,
+            (
+                q, d, cu_q, cu_d, q_ids if listed else cu_q, d_ids if listed else cu_d, score_out,
+                scores if argmax is None else argmax, scores if pmax is None else pmax,
+                scores if pidx is None else pidx,
+            ),
+            (nd, D, R, max_lq, *q.stride(), *d.stride(), n_qb, n_split, split_len),
+            dict(
+                BLOCK_Q=block_q, BLOCK_L=block_l, BLOCK_D=block_d, LISTED=listed, NORMALIZE=normalize,
+                ARGMAX=return_argmax, PARTIAL=partial, SINGLE_D=D <= block_d, PREC=dot_precision(q.dtype),
+                LANE_MAX=cfg.lane_max,
+            ),
+            cfg.num_warps,
+            cfg.num_stages,
         )  # fmt: skip
         finish(score_out, pmax, pidx, scores, argmax, R, max_lq, n_split)
     return scores, argmax

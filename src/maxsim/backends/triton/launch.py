@@ -1,0 +1,60 @@
+"""Kernel launches with the compiled kernel remembered per argument signature.
+
+``kernel[grid](*args)`` binds and specializes every argument in Python on each call and builds a cache key
+from them: with the ~30 runtime arguments of the strided kernels that is most of the host time of a small
+call. ``Launcher`` keys the compiled kernel by a finer signature than Triton's specialization (the exact
+int arguments, each tensor's dtype and 16-byte alignment, the constexprs, launch options and device), so
+two calls with one key always get the same compiled kernel, and launches it directly
+(``CompiledKernel[grid](*args)``, which still runs Triton's launch hooks for profilers). The first call
+of a key, and every call in the Triton interpreter, take Triton's own path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MAX_KEYS = 1024  # distinct signatures remembered per kernel (one per shape in practice)
+
+
+class Launcher:
+    """Launch one ``@triton.jit`` kernel whose parameters are its tensors, then its ints, then constexprs.
+
+    Args:
+        kernel: the jitted function.
+        interpreted: the kernels run in the Triton interpreter (always Triton's own path).
+    """
+
+    def __init__(self, kernel, interpreted: bool):
+        self.kernel = kernel
+        self.interpreted = interpreted
+        self.compiled: dict = {}
+
+    def __call__(
+        self, programs: int, tensors: tuple, ints: tuple, constexprs: dict, num_warps: int, num_stages: int
+    ) -> None:
+        """Run ``programs`` programs (a 1-D grid) on the current device and stream.
+
+        Args:
+            tensors: the tensor arguments in parameter order; ints: the int arguments (Python ints).
+            constexprs: every constexpr parameter by name, in parameter order.
+        """
+        if self.interpreted:
+            self.kernel[(programs,)](
+                *tensors, *ints, **constexprs, num_warps=num_warps, num_stages=num_stages
+            )
+            return
+        values = tuple(constexprs.values())
+        key = (
+            torch.cuda.current_device(), values, num_warps, num_stages, ints,
+            *[(t.dtype, (t.data_ptr() & 15) == 0) for t in tensors],
+        )  # fmt: skip
+        compiled = self.compiled.get(key)
+        if compiled is None:
+            compiled = self.kernel[(programs,)](
+                *tensors, *ints, **constexprs, num_warps=num_warps, num_stages=num_stages
+            )
+            if len(self.compiled) >= MAX_KEYS:
+                self.compiled.clear()
+            self.compiled[key] = compiled
+            return
+        compiled[(programs, 1, 1)](*tensors, *ints, *values)
