@@ -1,7 +1,8 @@
 """maxsim: exact, fast, memory-bounded late-interaction (MaxSim) scoring."""
 
 from .api import maxsim, maxsim_varlen
+from .losses import contrastive_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["maxsim", "maxsim_varlen", "__version__"]
+__all__ = ["maxsim", "maxsim_varlen", "contrastive_loss", "__version__"]
