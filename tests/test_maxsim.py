@@ -108,6 +108,17 @@ def test_broadcast_shapes_of_design():
     assert maxsim.maxsim(q[:, None], d[0][None]).shape == (4, 6)
 
 
+@pytest.mark.parametrize("q_batch, d_batch", [((2, 2), (2,)), ((3, 3), (3, 1)), ((2, 3), (3,))])
+def test_batch_dims_out_of_canonical_order(q_batch, d_batch):
+    """Query-only dims before paired ones (``q [A, B]`` against ``d [B]``): each score is its own pair's,
+    even where the batch sizes happen to equal the canonical ``[P, Qn]``."""
+    g = torch.Generator().manual_seed(2)
+    q = integer_tokens((*q_batch, 5, 4), torch.float32, generator=g)
+    d = integer_tokens((*d_batch, 3, 4), torch.float32, generator=g)
+    ref, _ = maxsim_reference(q, d)
+    assert torch.equal(maxsim.maxsim(q, d).double(), ref)
+
+
 def test_mask_broadcast_within_side():
     """A mask shared by all queries ([Lq]) broadcasts over that side's own batch dims."""
     g = torch.Generator().manual_seed(1)

@@ -47,9 +47,10 @@ class _Layout:
         self.doc_in_order = self.paired + self.doc_only == sorted(self.paired + self.doc_only)
         kept = self.paired + self.query_only + self.doc_only
         self.result_in_order = kept == sorted(kept)
-        # Batch dims that already are [P, Qn] / [P, Dn] (pairs, candidates, q[:, None] with d[None]): no view.
-        self.query_as_is = tuple(q_batch) == (self.sizes[0], self.sizes[1])
-        self.doc_as_is = tuple(d_batch) == (self.sizes[0], self.sizes[2])
+        # Batch dims that already are [P, Qn] / [P, Dn] in that order (pairs, candidates, q[:, None] with
+        # d[None]): no view at all.
+        self.query_as_is = self.query_in_order and tuple(q_batch) == (self.sizes[0], self.sizes[1])
+        self.doc_as_is = self.doc_in_order and tuple(d_batch) == (self.sizes[0], self.sizes[2])
 
     def _numel(self, dims) -> int:
         size = 1

@@ -4,16 +4,26 @@
 from them: with the ~30 runtime arguments of the strided kernels that is most of the host time of a small
 call. ``Launcher`` keys the compiled kernel by a finer signature than Triton's specialization (the exact
 int arguments, each tensor's dtype and 16-byte alignment, the constexprs, launch options and device), so
-two calls with one key always get the same compiled kernel, and launches it directly
-(``CompiledKernel[grid](*args)``, which still runs Triton's launch hooks for profilers). The first call
-of a key, and every call in the Triton interpreter, take Triton's own path.
+two calls with one key always get the same compiled kernel, and launches it through the compiled
+kernel's own launcher. The first call of a key, every call in the Triton interpreter, and calls while a
+Triton launch hook is set (profilers such as proton) take Triton's own path.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
 
 MAX_KEYS = 1024  # distinct signatures remembered per kernel (one per shape in practice)
+
+
+def _launch_hooks_set() -> bool:
+    """True when a profiler hooks Triton launches (a ``HookChain`` from Triton 3.5, a callable before)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None:
+        return True  # a Triton without knobs: always its own path
+    hook = knobs.runtime.launch_enter_hook
+    return bool(hook.calls) if hasattr(hook, "calls") else hook is not None
 
 
 class Launcher:
@@ -44,12 +54,13 @@ class Launcher:
             )
             return
         values = tuple(constexprs.values())
+        device = torch.cuda.current_device()
         key = (
-            torch.cuda.current_device(), values, num_warps, num_stages, ints,
+            device, values, num_warps, num_stages, ints,
             *[(t.dtype, (t.data_ptr() & 15) == 0) for t in tensors],
         )  # fmt: skip
         compiled = self.compiled.get(key)
-        if compiled is None:
+        if compiled is None or _launch_hooks_set():
             compiled = self.kernel[(programs,)](
                 *tensors, *ints, **constexprs, num_warps=num_warps, num_stages=num_stages
             )
@@ -57,4 +68,8 @@ class Launcher:
                 self.compiled.clear()
             self.compiled[key] = compiled
             return
-        compiled[(programs, 1, 1)](*tensors, *ints, *values)
+        stream = torch._C._cuda_getCurrentRawStream(device)
+        compiled.run(
+            programs, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
+            *tensors, *ints, *values,
+        )  # fmt: skip
