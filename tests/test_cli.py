@@ -193,6 +193,7 @@ def test_registry_shapes_match_the_issue():
         "RaggedCorpus": {"Nq": 1, "Nd": 20000, "Lq": 32, "Ld_min": 75, "Ld_max": 300, "D": 128},
         "RaggedCorpusPadded": {"Nq": 1, "Nd": 20000, "Lq": 32, "Ld_min": 75, "Ld_max": 300, "D": 128},
         "InBatchTrain": {"Nq": 128, "Nd": 128, "Lq": 32, "Ld": 256, "D": 128},
+        "ColPaliTrain": {"Nq": 32, "Nd": 32, "Lq": 1024, "Ld": 1024, "D": 128},
         "CpuOneQuery": {"Nq": 1, "Nd": 1000, "Lq": 32, "Ld": 512, "D": 128},
         "ColPali10k": {"Nq": 1, "Nd": 10000, "Lq": 1024, "Ld": 1024, "D": 128},
     }
@@ -200,7 +201,10 @@ def test_registry_shapes_match_the_issue():
     layouts = {k: w.layout for k, w in WORKLOADS.items()}
     assert layouts["SmallRerank"] == layouts["Rerank1k"] == "candidates"
     assert layouts["RaggedCorpus"] == "varlen" and layouts["RaggedCorpusPadded"] == "padded"
-    assert WORKLOADS["InBatchTrain"].train and layouts["InBatchTrain"] == "all_pairs"
+    for name in ("InBatchTrain", "ColPaliTrain"):
+        assert WORKLOADS[name].train and layouts[name] == "all_pairs"
+    assert "ColPaliTrain" not in [w.name for w in select(None, "cpu")]  # a second a step even scaled down
+    assert "ColPaliTrain" in [w.name for w in select(None, "cuda")]
     bar = WORKLOADS["CpuOneQuery"]
     assert bar.fixed_size and bar.dtype == torch.float32 and bar.scaled_dims(0.01) == bar.sizes
     assert "CpuOneQuery" not in [w.name for w in select(None, "cuda")]
@@ -292,3 +296,84 @@ def test_restricted_single_call_workload_with_memory_bar():
     (bar,) = results["bars"]
     if Path("/proc/self/clear_refs").exists():
         assert bar["verdict"] in ("pass", "pass (within 3%)"), bar
+
+
+def test_training_workloads_report_memory_and_bars(tmp_path, capsys):
+    """Both training steps run on the CPU (scaled: 4x4 and 1x1 pairs), with memory and their ratios."""
+    path = tmp_path / "train.json"
+    args = ["bench", "--workloads", "InBatchTrain,ColPaliTrain", "--scale", "0.001", "--json", str(path)]
+    assert main([*args, "--device", "cpu", "--quick", "--no-progress", "--compile", "off"]) == 0
+    data = json.loads(path.read_text())
+    by_name = {e["workload"]: e for e in data["results"]}
+    assert by_name["InBatchTrain"]["shape_id"] == "Nq4-Nd4-Lq32-Ld256-D128"
+    assert by_name["ColPaliTrain"]["shape_id"] == "Nq1-Nd1-Lq1024-Ld1024-D128"
+    for e in by_name.values():
+        assert e["train"] and e["layout"] == "all_pairs"
+        provs = e["providers"]
+        for name in ("maxsim", "naive"):
+            assert provs[name]["status"] == "ok" and provs[name]["check"]["ok"], (e["workload"], name)
+        if Path("/proc/self/clear_refs").exists():
+            ours = provs["maxsim"]["peak_mem_bytes"]
+            assert isinstance(ours, int)
+            for name, ratio in e["maxsim_mem_ratio"].items():
+                assert ratio == pytest.approx(ours / provs[name]["peak_mem_bytes"])
+        assert e["bars"] == []  # the training bars are read on CUDA, in bfloat16
+    out = capsys.readouterr().out
+    assert "forward + backward of scores.sum() timed" in out
+
+
+def _train_entry(ms: float, mem: dict[str, int]) -> dict:
+    """A CUDA bfloat16 cold entry of a training workload: maxsim at ``ms``, each peer at twice that."""
+    providers = {
+        name: {"status": "ok", "ms": {"median": ms * (1 if name == "maxsim" else 2)}, "peak_mem_bytes": peak}
+        for name, peak in mem.items()
+    }
+    return {
+        "method": "cold",
+        "dtype": "bfloat16",
+        "providers": providers,
+        "maxsim_speedup": {name: 2.0 for name in mem if name != "maxsim"},
+        "maxsim_mem_ratio": {
+            name: mem["maxsim"] / peak for name, peak in mem.items() if name != "maxsim" and mem["maxsim"]
+        },
+    }
+
+
+def test_training_bars_of_issue_5():
+    ceil = {"matmul": {"tflops": 1.0}}
+    bars = WORKLOADS["InBatchTrain"].bars
+    limits = {
+        name: {b.metric: b.value for b in WORKLOADS[name].bars} for name in ("InBatchTrain", "ColPaliTrain")
+    }
+    assert (
+        limits["InBatchTrain"] == {**limits["ColPaliTrain"], "ms": 0.30}
+        and limits["ColPaliTrain"]["ms"] == 0.9
+    )
+    peers = {"flash-maxsim": 400, "late-interaction-kernels": 500}
+    good = _train_entry(0.25, {"maxsim": 20, "naive": 1000, **peers})
+    verdicts = {b["metric"]: b["verdict"] for b in runner.evaluate_bars(good, bars, "cuda", ceil, True)}
+    assert verdicts == {
+        "ms": "pass",
+        "speedup:flash-maxsim": "pass",
+        "speedup:late-interaction-kernels": "pass",
+        "mem_ratio:naive": "pass",
+        "mem_ratio:flash-maxsim": "pass",
+        "mem_ratio:late-interaction-kernels": "pass",
+    }
+    bad = _train_entry(0.35, {"maxsim": 60, "naive": 1000, "flash-maxsim": 50})
+    results = {b["metric"]: b for b in runner.evaluate_bars(bad, bars, "cuda", ceil, True)}
+    assert results["ms"]["verdict"] == "fail" and results["ms"]["measured"] == 0.35
+    assert results["mem_ratio:naive"]["verdict"] == "fail" and results["mem_ratio:naive"]["measured"] == 0.06
+    assert results["mem_ratio:flash-maxsim"]["verdict"] == "fail"
+    assert (
+        results["mem_ratio:late-interaction-kernels"]["verdict"]
+        == "n/a: late-interaction-kernels not installed"
+    )
+    assert (
+        runner.evaluate_bars(good, WORKLOADS["ColPaliTrain"].bars, "cuda", ceil, True)[0]["verdict"] == "pass"
+    )
+    unmeasured = _train_entry(0.25, {"maxsim": None, "naive": 1000, **peers})
+    verdicts = {b["metric"]: b["verdict"] for b in runner.evaluate_bars(unmeasured, bars, "cuda", ceil, True)}
+    assert verdicts["mem_ratio:naive"] == "n/a: memory not measured" and verdicts["ms"] == "pass"
+    good["dtype"] = "float16"
+    assert runner.evaluate_bars(good, bars, "cuda", ceil, True) == []  # issue 5's bars are bfloat16

@@ -132,6 +132,9 @@ def table(results: dict) -> str:
         sp = e.get("maxsim_speedup") or {}
         if sp:
             lines.append("  maxsim speedup: " + ", ".join(f"{k} {v:.2f}x" for k, v in sp.items()))
+        mem = e.get("maxsim_mem_ratio") or {}
+        if mem:
+            lines.append("  maxsim peak memory: " + ", ".join(f"{_g(v)}x {k}'s" for k, v in mem.items()))
     lines.extend(bar_lines(results))
     if results.get("elapsed_s") is not None:
         lines.append("")

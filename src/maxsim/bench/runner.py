@@ -12,7 +12,8 @@ Per workload and dtype:
    method ``cold``), optionally kernel-only CUDA-graph replay (``graph``) and eager wall clock
    (``eager``); on the CPU ``time.perf_counter`` around each call, providers interleaved round by round
    (``wall``);
-5. measure peak extra memory of one call (CUDA: allocator peak; CPU: growth of the resident-set peak);
+5. measure peak extra memory of one call (training: forward + backward, the gradients included; CUDA: allocator
+   peak after warm-up; CPU: growth of the resident-set peak) and maxsim's ratio to each provider's;
 6. derive floors (bytes / copy bandwidth, FLOPs / matmul rate, both measured in the same run) and ratios.
 """
 
@@ -740,13 +741,20 @@ def evaluate_bars(entry: dict, bars: tuple, device_type: str, ceil: dict, full_s
 def _bar_metric(metric: str, entry: dict, ours: dict, ceil: dict) -> tuple[float | None, str]:
     if ours.get("status") != "ok" or "ms" not in ours:
         return None, f"maxsim {ours.get('status', 'not run')}"
-    if metric.startswith("speedup:"):
-        peer = metric.split(":", 1)[1]
-        value = entry.get("maxsim_speedup", {}).get(peer)
-        if value is None:
-            p = entry["providers"].get(peer)
-            return None, f"{peer} {p.get('status')}" if p else f"{peer} not installed"
-        return value, ""
+    for prefix, key in (("speedup:", "maxsim_speedup"), ("mem_ratio:", "maxsim_mem_ratio")):
+        if metric.startswith(prefix):
+            other = metric[len(prefix) :]
+            value = entry.get(key, {}).get(other)
+            if value is not None:
+                return value, ""
+            p = entry["providers"].get(other)
+            if p is None:
+                return None, f"{other} not installed"
+            if p.get("status") != "ok":
+                return None, f"{other} {p.get('status')}"
+            return None, "memory not measured"  # a timed provider always has a speedup
+    if metric == "ms":
+        return ours["ms"]["median"], ""
     if metric == "matmul_fraction":
         return ours["tflops"] / ceil["matmul"]["tflops"], ""
     if metric == "peak_mem_budget":
@@ -818,13 +826,17 @@ def _entry(
                 out["tflops"] = case.flops / (med * 1e-3) / 1e12
         provs[name] = out
     base = provs.get("maxsim", {}).get("ms", {}).get("median")
-    speedup = {}
+    base_mem = provs.get("maxsim", {}).get("peak_mem_bytes")
+    speedup, mem_ratio = {}, {}
     for name, out in provs.items():
         med = out.get("ms", {}).get("median")
         if base and med:
             out["vs_maxsim"] = med / base
             if name != "maxsim":
                 speedup[name] = med / base
+        mem = out.get("peak_mem_bytes")
+        if name != "maxsim" and out.get("status") == "ok" and base_mem is not None and mem:
+            mem_ratio[name] = base_mem / mem
     return {
         "workload": case.name,
         "layout": case.layout,
@@ -849,4 +861,5 @@ def _entry(
         "memory": memory_how,
         "providers": provs,
         "maxsim_speedup": speedup,
+        "maxsim_mem_ratio": mem_ratio,
     }
