@@ -90,6 +90,25 @@ def _leaves(*xs, double=False):
     return [None if x is None else (x.double() if double else x).detach().requires_grad_() for x in xs]
 
 
+def check_against_reference(case, dtype, form, normalize, temperature, *, seed, device="cpu"):
+    """Loss and gradients on ``device`` against the float64 re-statement (on the CPU)."""
+    q, d, negatives, kwargs, masks = make_problem(case, dtype, form, seed)
+    q, d, negatives = _leaves(*(None if x is None else x.to(device) for x in (q, d, negatives)))
+    on_device = {key: value.to(device) for key, value in kwargs.items()}
+    loss = maxsim.contrastive_loss(q, d, negatives, temperature=temperature, normalize=normalize, **on_device)
+    rq, rd, rn = _leaves(*(None if x is None else x.cpu() for x in (q, d, negatives)), double=True)
+    ref = reference_loss(rq, rd, rn, temperature=temperature, normalize=normalize, **masks)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and loss.shape == ()
+    naive = naive_loss(rq.to(dtype), rd.to(dtype), None if rn is None else rn.to(dtype),
+                       temperature=temperature, normalize=normalize, **masks)  # fmt: skip
+    assert_scores_close(loss, ref, dtype=dtype, naive=naive)
+    loss.backward()
+    ref.backward()
+    for ours, theirs in ((q, rq), (d, rd), (negatives, rn)):
+        if ours is not None:
+            assert_grads_close(ours.grad.cpu(), theirs.grad, dtype=dtype)
+
+
 @pytest.mark.parametrize("dtype", (*DTYPES, torch.float64), ids=dtype_id)
 @pytest.mark.parametrize("form", ["none", "mask", "lengths"])
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
@@ -99,20 +118,15 @@ def test_loss_and_gradients_match_reference(case, normalize, form, dtype):
     # those scores into the logits and gradients beyond the tolerance rule. Small temperatures go with
     # normalized tokens, as in training; float64 inputs take every temperature.
     temperature = case[-1] if normalize or dtype == torch.float64 else max(case[-1], 1.0)
-    q, d, negatives, kwargs, masks = make_problem(case, dtype, form, seed=CASES.index(case))
-    q, d, negatives = _leaves(q, d, negatives)
-    loss = maxsim.contrastive_loss(q, d, negatives, temperature=temperature, normalize=normalize, **kwargs)
-    rq, rd, rn = _leaves(q, d, negatives, double=True)
-    ref = reference_loss(rq, rd, rn, temperature=temperature, normalize=normalize, **masks)
-    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and loss.shape == ()
-    naive = naive_loss(q.detach(), d.detach(), None if negatives is None else negatives.detach(),
-                       temperature=temperature, normalize=normalize, **masks)  # fmt: skip
-    assert_scores_close(loss, ref, dtype=dtype, naive=naive)
-    loss.backward()
-    ref.backward()
-    for ours, theirs in ((q, rq), (d, rd), (negatives, rn)):
-        if ours is not None:
-            assert_grads_close(ours.grad, theirs.grad, dtype=dtype)
+    check_against_reference(case, dtype, form, normalize, temperature, seed=CASES.index(case))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("form", ["mask", "lengths"])
+def test_cuda_matches_reference(form, dtype):
+    for case in CASES:
+        check_against_reference(case, dtype, form, True, case[-1], seed=CASES.index(case), device="cuda")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
