@@ -109,6 +109,8 @@ def token_mask(
         check_values: check lengths in ``[1, L]`` and, with ``require_real``, a real token per sequence.
         require_real: every sequence of this side needs a real token (documents).
     """
+    if mask is None and lengths is None:
+        return None
     mask_name, lengths_name = f"{side}_mask", f"{side}_lengths"
     if mask is not None and lengths is not None:
         raise ValueError(f"give {mask_name} or {lengths_name}, not both")

@@ -32,14 +32,13 @@ from .varlen import maxsim_varlen_fwd  # noqa: E402
 INTERPRETED = type(triton.language.standard.sum).__name__ == "InterpretedFunction"
 
 
-def _kernels_run_on(device: torch.device, dtype: torch.dtype) -> bool:
-    if dtype == torch.float64:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and INTERPRETED)
+def _kernels_run_on(x: torch.Tensor) -> bool:
+    """The kernels take ``x``'s device and dtype (CUDA, or the CPU in the interpreter; not float64)."""
+    return x.dtype is not torch.float64 and (x.is_cuda or (INTERPRETED and x.is_cpu))
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def _needs_grad(q: torch.Tensor, d: torch.Tensor) -> bool:
+    return (q.requires_grad or d.requires_grad) and torch.is_grad_enabled()
 
 
 def maxsim_padded(q, d, q_mask, d_mask, *, normalize: bool, return_argmax: bool):
@@ -54,7 +53,7 @@ def maxsim_padded(q, d, q_mask, d_mask, *, normalize: bool, return_argmax: bool)
     Returns:
         scores float32 ``[P, Qn, Dn]`` and int32 argmax ``[P, Qn, Dn, Lq]`` or None.
     """
-    if not _kernels_run_on(q.device, q.dtype):
+    if not _kernels_run_on(q):
         return torch_backend.maxsim_padded(
             q, d, q_mask, d_mask, normalize=normalize, return_argmax=return_argmax
         )
@@ -69,7 +68,7 @@ def maxsim_varlen(
     q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq: int, max_ld: int, normalize: bool, return_argmax: bool
 ):
     """Backend entry point for packed sequences (see ``torch_backend.forward_varlen`` for shapes)."""
-    if not _kernels_run_on(q.device, q.dtype):
+    if not _kernels_run_on(q):
         return torch_backend.maxsim_varlen(
             q, cu_q, d, cu_d, q_ids, d_ids,
             max_lq=max_lq, max_ld=max_ld, normalize=normalize, return_argmax=return_argmax,

@@ -364,7 +364,8 @@ _NO_SWITCH = contextlib.nullcontext()
 
 def launch_device(device: torch.device):
     """``torch.cuda.device(device)`` when the tensors' GPU is not the current one; nothing otherwise."""
-    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+    index = device.index
+    if index is None or device.type != "cuda" or index == torch.cuda.current_device():
         return _NO_SWITCH
     return torch.cuda.device(device)
 
