@@ -284,3 +284,38 @@ def test_gradients_match_torch_backend(dtype, monkeypatch):
         grads.append((qq.grad, dd.grad))
     # the argmax can differ on near-ties between the two backends; compare where the rows agree
     torch.testing.assert_close(grads[0][0].float(), grads[1][0].float(), rtol=0.05, atol=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW], ids=dtype_id)
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
+def test_backward_kernels_against_reference(dtype, normalize):
+    """In-batch all pairs with masks: Triton gradients against the reference's float64 autograd, routed by
+    our own argmax (so near-ties cannot differ), bitwise equal over two runs."""
+    q = tokens((6, 40, 136), dtype, 43)
+    d = tokens((7, 300, 136), dtype, 44)
+    q_mask = torch.rand(6, 40, device=CUDA, generator=torch.Generator(CUDA).manual_seed(45)) > 0.2
+    d_lengths = torch.randint(1, 301, (7,), device=CUDA, generator=torch.Generator(CUDA).manual_seed(46))
+    weights = torch.rand(6, 7, device=CUDA, generator=torch.Generator(CUDA).manual_seed(47))
+    kw = dict(q_mask=q_mask[:, None], d_lengths=d_lengths[None], normalize=normalize)
+    runs = []
+    for _ in range(2):
+        qq, dd = q.clone().requires_grad_(True), d.clone().requires_grad_(True)
+        scores, argmax = maxsim.maxsim(qq[:, None], dd[None], return_argmax=True, **kw)
+        (scores * weights).sum().backward()
+        runs.append((qq.grad, dd.grad, argmax))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]), "not deterministic"
+    # the reference's gradient through our argmax: gather the winners in float64
+    qr, dr = q.double().requires_grad_(True), d.double().requires_grad_(True)
+    if normalize:
+        qn, dn = torch.nn.functional.normalize(qr, dim=-1), torch.nn.functional.normalize(dr, dim=-1)
+    else:
+        qn, dn = qr, dr
+    argmax = runs[0][2].long()
+    won = dn[torch.arange(7, device=CUDA)[None, :, None], argmax.clamp(min=0)]  # [6, 7, 40, D]
+    sims = (qn[:, None] * won).sum(-1) * (argmax >= 0)
+    ((sims.sum(-1)) * weights.double()).sum().backward()
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for ours, ref in ((runs[0][0], qr.grad), (runs[0][1], dr.grad)):
+        assert ours.dtype == dtype
+        err = (ours.double() - ref).abs()
+        assert bool((err <= tol * ref.abs().clamp(min=1.0)).all()), f"max error {err.max().item():.3g}"

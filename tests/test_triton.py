@@ -18,12 +18,19 @@ if not torch.cuda.is_available():  # before triton's first import, or its own li
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
-from helpers import assert_scores_close, dtype_id, integer_tokens, naive_scores, random_tokens  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_grads_close,
+    assert_scores_close,
+    dtype_id,
+    integer_tokens,
+    naive_scores,
+    random_tokens,
+)
 
 import maxsim  # noqa: E402
 from maxsim.backends import get_backend  # noqa: E402
 from maxsim.backends import triton as triton_backend  # noqa: E402
-from maxsim.backends.triton import configs, forward  # noqa: E402
+from maxsim.backends.triton import backward, configs, forward  # noqa: E402
 from maxsim.backends.triton.forward import maxsim_fwd  # noqa: E402
 from maxsim.backends.triton.varlen import maxsim_varlen_fwd  # noqa: E402
 from maxsim.reference import lengths_to_mask, maxsim_reference, maxsim_varlen_reference  # noqa: E402
@@ -303,21 +310,62 @@ def test_varlen_splits_and_ties(n_split):
         assert torch.equal(argmax.cpu(), ref_argmax)
 
 
-def test_gradients_through_the_custom_op():
-    """Autograd of the Triton forward: the torch backend's backward from the saved argmax."""
-    g = torch.Generator().manual_seed(29)
-    q = random_tokens((2, 7, 16), torch.float32, generator=g)
-    d = random_tokens((2, 3, 11, 16), torch.float32, generator=g)
-    grads = []
-    for backend in ("triton", "torch"):
-        qd, dd = (t.to(DEVICE).requires_grad_(True) for t in (q, d))
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("MAXSIM_BACKEND", backend)
-            scores = maxsim.maxsim(qd[:, None], dd, normalize=True)
-        (scores * torch.arange(1.0, 7.0, device=DEVICE).view(2, 3)).sum().backward()
-        grads.append((qd.grad.cpu(), dd.grad.cpu()))
-    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-6)
+def _reference_grads(q, d, weights, **kwargs):
+    """float64 gradients of ``(scores * weights).sum()`` by the reference's autograd (first-winner routing)."""
+    qr, dr = (t.detach().cpu().double().requires_grad_(True) for t in (q, d))
+    masks = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    masks = {k: v for k, v in masks.items() if k != "d_lengths"}
+    if "d_lengths" in kwargs:
+        masks["d_mask"] = lengths_to_mask(kwargs["d_lengths"].cpu(), d.shape[-2])
+    (maxsim_reference(qr, dr, **masks)[0] * weights.double()).sum().backward()
+    return qr.grad, dr.grad
+
+
+def _triton_grads(q, d, weights, **kwargs):
+    qd, dd = (t.detach().to(DEVICE).requires_grad_(True) for t in (q, d))
+    kwargs = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    (maxsim.maxsim(qd, dd, **kwargs) * weights.to(DEVICE)).sum().backward()
+    return qd.grad.cpu(), dd.grad.cpu()
+
+
+SMALL_BWD = [None, ((2, 16, 16), (16, 16, 16))]  # the defaults, then blocks that split every axis
+
+
+@pytest.mark.parametrize("blocks", SMALL_BWD, ids=["default-blocks", "small-blocks"])
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+def test_backward_kernels(layout, dtype, normalize, blocks, monkeypatch):
+    """Triton ``dq``/``dd`` against the reference's autograd, with masks on both sides, in the input dtype."""
+    if blocks is not None:
+        monkeypatch.setattr(backward, "DQ_BLOCKS", blocks[0])
+        monkeypatch.setattr(backward, "DD_BLOCKS", blocks[1])
+    _, qb, db, lq, ld, dim = layout
+    g = torch.Generator().manual_seed(37)
+    q = random_tokens((*qb, lq, dim), dtype, generator=g)
+    d = random_tokens((*db, ld, dim), dtype, generator=g)
+    q_mask = torch.rand(*qb, lq, generator=g) > 0.3
+    d_lengths = torch.randint(1, ld + 1, db, generator=g)
+    weights = torch.rand(torch.broadcast_shapes(qb, db), generator=g) + 0.5
+    kw = dict(q_mask=q_mask, d_lengths=d_lengths, normalize=normalize)
+    ref_dq, ref_dd = _reference_grads(q, d, weights, **kw)
+    dq, dd = _triton_grads(q, d, weights, **kw)
+    assert_grads_close(dq, ref_dq, dtype=dtype)
+    assert_grads_close(dd, ref_dd, dtype=dtype)
+    assert bool((dq[~q_mask.expand(dq.shape[:-1])] == 0).all()), "masked query tokens get a gradient"
+
+
+def test_backward_ties_route_to_the_first_winner_and_is_deterministic():
+    """Integer tokens (many exact ties): the gradients equal the reference's exactly, run after run."""
+    g = torch.Generator().manual_seed(41)
+    q = integer_tokens((3, 1, 9, 16), torch.float32, generator=g)
+    d = integer_tokens((1, 4, 21, 16), torch.float32, generator=g)
+    weights = torch.arange(1.0, 13.0).view(3, 4)
+    ref_dq, ref_dd = _reference_grads(q, d, weights)
+    first = _triton_grads(q, d, weights)
+    again = _triton_grads(q, d, weights)
+    assert torch.equal(first[0].double(), ref_dq) and torch.equal(first[1].double(), ref_dd)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
 def test_varlen_gradients():

@@ -50,7 +50,7 @@ def _prepare(x: torch.Tensor, normalize: bool) -> torch.Tensor:
     return F.normalize(x, dim=-1, eps=NORMALIZE_EPS) if normalize else x
 
 
-def _normalize_backward(x: torch.Tensor, grad_normalized: torch.Tensor) -> torch.Tensor:
+def normalize_backward(x: torch.Tensor, grad_normalized: torch.Tensor) -> torch.Tensor:
     """Gradient w.r.t. ``x`` of ``F.normalize(x, dim=-1)`` given the gradient w.r.t. its output."""
     x = x.to(grad_normalized.dtype)
     norm = x.norm(dim=-1, keepdim=True)
@@ -234,11 +234,11 @@ def backward_padded(
                     dd_block.index_put_(index, torch.where(real, weight * q_block, 0.0), accumulate=True)
             if need_dd:
                 if normalize:
-                    dd_block = _normalize_backward(d[p0:p1, d0:d1], dd_block)
+                    dd_block = normalize_backward(d[p0:p1, d0:d1], dd_block)
                 dd[p0:p1, d0:d1] = dd_block
     dq = None
     if need_dq:
-        dq = _normalize_backward(q, dq_normalized) if normalize else dq_normalized
+        dq = normalize_backward(q, dq_normalized) if normalize else dq_normalized
         dq = dq.to(q.dtype)
     return dq, dd
 
@@ -396,8 +396,8 @@ def backward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores, *, norm
         if need_dd:
             dd.index_add_(0, d_token, weight * _prepare(q[q_token], normalize))
     if normalize:
-        dq = _normalize_backward(q, dq) if need_dq else None
-        dd = _normalize_backward(d, dd) if need_dd else None
+        dq = normalize_backward(q, dq) if need_dq else None
+        dd = normalize_backward(d, dd) if need_dd else None
     return (dq.to(q.dtype) if need_dq else None), (dd.to(d.dtype) if need_dd else None)
 
 

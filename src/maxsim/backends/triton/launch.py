@@ -40,18 +40,24 @@ class Launcher:
         self.compiled: dict = {}
 
     def __call__(
-        self, programs: int, tensors: tuple, ints: tuple, constexprs: dict, num_warps: int, num_stages: int
+        self,
+        grid: int | tuple,
+        tensors: tuple,
+        ints: tuple,
+        constexprs: dict,
+        num_warps: int,
+        num_stages: int,
     ) -> None:
-        """Run ``programs`` programs (a 1-D grid) on the current device and stream.
+        """Run the kernel on the current device and stream.
 
         Args:
+            grid: the number of programs, or a grid of up to three dims.
             tensors: the tensor arguments in parameter order; ints: the int arguments (Python ints).
             constexprs: every constexpr parameter by name, in parameter order.
         """
+        grid = (grid, 1, 1) if isinstance(grid, int) else (*grid, 1, 1)[:3]
         if self.interpreted:
-            self.kernel[(programs,)](
-                *tensors, *ints, **constexprs, num_warps=num_warps, num_stages=num_stages
-            )
+            self.kernel[grid](*tensors, *ints, **constexprs, num_warps=num_warps, num_stages=num_stages)
             return
         values = tuple(constexprs.values())
         device = torch.cuda.current_device()
@@ -61,7 +67,7 @@ class Launcher:
         )  # fmt: skip
         compiled = self.compiled.get(key)
         if compiled is None or _launch_hooks_set():
-            compiled = self.kernel[(programs,)](
+            compiled = self.kernel[grid](
                 *tensors, *ints, **constexprs, num_warps=num_warps, num_stages=num_stages
             )
             if len(self.compiled) >= MAX_KEYS:
@@ -70,6 +76,6 @@ class Launcher:
             return
         stream = torch._C._cuda_getCurrentRawStream(device)
         compiled.run(
-            programs, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
+            *grid, stream, compiled.function, compiled.packed_metadata, None, None, None,
             *tensors, *ints, *values,
         )  # fmt: skip

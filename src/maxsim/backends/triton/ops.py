@@ -5,9 +5,9 @@
 with ``validate=False`` can be captured in a CUDA graph. An argmax that was not asked for comes back as an
 empty int32 tensor (a custom op cannot return None).
 
-Autograd keeps the inputs and the int32 argmax only; the backward is ``maxsim::bwd_padded`` /
-``maxsim::bwd_varlen``, which wrap the torch backend's ``backward_padded`` / ``backward_varlen`` until the
-Triton backward exists (issue 5).
+Autograd keeps the inputs and the int32 argmax only; the backward is ``maxsim::bwd_padded`` (the Triton
+kernels of ``backward.py``) / ``maxsim::bwd_varlen`` (the torch backend's ``backward_varlen``: packed
+sequences have no Triton backward yet).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import torch_backend
+from .backward import maxsim_bwd
 from .forward import maxsim_fwd
 from .varlen import maxsim_varlen_fwd
 
@@ -50,12 +51,8 @@ def bwd_padded(
     q: Tensor, d: Tensor, argmax: Tensor, grad_scores: Tensor, normalize: bool, need_dq: bool, need_dd: bool
 ) -> tuple[Tensor, Tensor]:
     """``(dq, dd)`` contiguous, shaped like ``q`` and ``d`` in their dtype (``[0]`` where not needed)."""
-    dq, dd = torch_backend.backward_padded(
-        q, d, argmax, grad_scores, normalize=normalize, need_dq=need_dq, need_dd=need_dd
-    )
-    dq = dq.contiguous() if need_dq else q.new_empty(0)
-    dd = dd.contiguous() if need_dd else d.new_empty(0)
-    return dq, dd
+    dq, dd = maxsim_bwd(q, d, argmax, grad_scores, normalize=normalize, need_dq=need_dq, need_dd=need_dd)
+    return (dq if need_dq else q.new_empty(0)), (dd if need_dd else d.new_empty(0))
 
 
 @bwd_padded.register_fake
