@@ -56,9 +56,9 @@ class Batch:
 
 
 def make_task(args: argparse.Namespace, gen: torch.Generator) -> Task:
-    mix, _ = torch.linalg.qr(
-        torch.randn(args.signal + args.nuisance, args.signal + args.nuisance, generator=gen)
-    )
+    """The task of the command line's sizes, with a random orthogonal distortion drawn from ``gen``."""
+    dim = args.signal + args.nuisance
+    mix, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen))
     return Task(args.signal, args.nuisance, args.doc_tokens, args.query_tokens, spread=0.6, query_noise=0.5,
                 nuisance_scale=3.0, mix=mix)  # fmt: skip
 

@@ -752,7 +752,7 @@ def _bar_metric(metric: str, entry: dict, ours: dict, ceil: dict) -> tuple[float
                 return None, f"{other} not installed"
             if p.get("status") != "ok":
                 return None, f"{other} {p.get('status')}"
-            return None, "memory not measured"  # a timed provider always has a speedup
+            return None, "memory not measured"  # only mem_ratio gets here: an ok provider has a speedup
     if metric == "ms":
         return ours["ms"]["median"], ""
     if metric == "matmul_fraction":
