@@ -377,3 +377,13 @@ def test_training_bars_of_issue_5():
     assert verdicts["mem_ratio:naive"] == "n/a: memory not measured" and verdicts["ms"] == "pass"
     good["dtype"] = "float16"
     assert runner.evaluate_bars(good, bars, "cuda", ceil, True) == []  # issue 5's bars are bfloat16
+
+
+def test_git_commit_prefers_the_given_commit(monkeypatch):
+    """A tree copied to a GPU machine may sit beside a stale .git: MAXSIM_GIT_COMMIT wins."""
+    from maxsim.bench import system
+
+    monkeypatch.setenv("MAXSIM_GIT_COMMIT", "abc1234")
+    assert system.git_commit() == {"commit": "abc1234", "dirty": None, "source": "MAXSIM_GIT_COMMIT"}
+    monkeypatch.delenv("MAXSIM_GIT_COMMIT")
+    assert system.git_commit()["commit"] != "abc1234"

@@ -121,14 +121,15 @@ def _cpu_name() -> str:
 def git_commit() -> dict:
     """The commit of the source tree maxsim is imported from: ``{"commit", "dirty"}``.
 
-    Outside a git checkout (a copied working tree on a GPU machine) the commit comes from the environment
-    variable ``MAXSIM_GIT_COMMIT`` if set, else it is None.
+    ``MAXSIM_GIT_COMMIT``, when set, wins: a working tree copied to a GPU machine may sit beside a stale
+    ``.git`` (seen on the device machines), so the caller's word is the reliable one there. Otherwise the
+    commit comes from ``git``, and is None outside a checkout.
     """
     import maxsim
 
-    fallback = {"commit": os.environ.get("MAXSIM_GIT_COMMIT") or None, "dirty": None}
-    if fallback["commit"]:
-        fallback["source"] = "MAXSIM_GIT_COMMIT"
+    given = os.environ.get("MAXSIM_GIT_COMMIT")
+    if given:
+        return {"commit": given, "dirty": None, "source": "MAXSIM_GIT_COMMIT"}
     where = Path(maxsim.__file__).resolve().parent
     try:
         commit = subprocess.run(
@@ -140,7 +141,7 @@ def git_commit() -> dict:
         ).stdout  # fmt: skip
         return {"commit": commit, "dirty": bool(status.strip())}
     except (OSError, subprocess.SubprocessError):
-        return fallback
+        return {"commit": None, "dirty": None}
 
 
 def info_text() -> str:
