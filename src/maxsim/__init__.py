@@ -2,7 +2,8 @@
 
 from .api import maxsim, maxsim_varlen
 from .losses import contrastive_loss
+from .search import topk
 
 __version__ = "0.1.0"
 
-__all__ = ["maxsim", "maxsim_varlen", "contrastive_loss", "__version__"]
+__all__ = ["maxsim", "maxsim_varlen", "topk", "contrastive_loss", "__version__"]

@@ -1,0 +1,184 @@
+"""Search: exact top-k documents per query over a corpus streamed in chunks.
+
+``topk`` never holds the ``[Nq, N]`` score matrix: it scores ``chunk`` documents at a time with the
+backends' forward (the Triton kernels on GPU, the torch backend elsewhere) and keeps a running top-k per
+query on the device, so the scores held are at most ``Nq * (chunk + k)``. The result is that of the full
+score matrix sorted by descending score with equal scores ordered by lower id (NaN counts as the largest,
+as ``torch.sort`` has it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import validate as check
+from .api import maxsim, maxsim_varlen
+
+# Default chunk: at most this many float32 scores per chunk (64 MiB), and never fewer than 1 document.
+CHUNK_SCORES = 1 << 24
+
+
+def _check_k(k, n: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be a Python int, got {type(k).__name__}")
+    if k < 1 or k > n:
+        raise ValueError(f"k must lie in [1, {n}] (the number of documents), got {k}")
+
+
+def _check_chunk(chunk) -> None:
+    if chunk is None:
+        return
+    if isinstance(chunk, bool) or not isinstance(chunk, int):
+        raise TypeError(
+            f"chunk must be a Python int (documents per chunk) or None, got {type(chunk).__name__}"
+        )
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+
+
+def merge_topk(
+    best_scores: torch.Tensor, best_ids: torch.Tensor, scores: torch.Tensor, first_id: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the scores of documents ``first_id, first_id + 1, ...`` into a running top-k.
+
+    Args:
+        best_scores: float32 ``[Nq, m]`` (m <= k), best first, equal scores by lower id; best_ids: int64.
+        scores: float32 ``[Nq, c]`` of the next ``c`` documents, all with ids above those in ``best_ids``.
+
+    Returns:
+        ``(scores, ids)`` ``[Nq, min(k, m + c)]``, best first, equal scores by lower id.
+    """
+    ids = torch.arange(first_id, first_id + scores.shape[1], device=scores.device).expand_as(scores)
+    # Among equal scores the concatenation is in id order (kept ones first, all with lower ids), and a
+    # stable sort keeps that order.
+    all_scores = torch.cat([best_scores, scores], dim=1)
+    all_ids = torch.cat([best_ids, ids], dim=1)
+    order = torch.sort(all_scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return all_scores.gather(1, order), all_ids.gather(1, order)
+
+
+def topk(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    k: int,
+    *,
+    q_mask: torch.Tensor | None = None,
+    q_lengths: torch.Tensor | None = None,
+    d_mask: torch.Tensor | None = None,
+    d_lengths: torch.Tensor | None = None,
+    cu_seqlens_d: torch.Tensor | None = None,
+    chunk: int | None = None,
+    normalize: bool = False,
+    validate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best documents of a corpus for each query, exact, streaming the corpus in chunks.
+
+    Args:
+        q: ``[Nq, Lq, D]`` queries (or one query ``[Lq, D]``), float32/float16/bfloat16.
+        d: the corpus, padded ``[N, Ld, D]`` or packed ``[T, D]`` with ``cu_seqlens_d`` int32/int64 ``[N+1]``;
+            the same dtype and device as ``q``.
+        k: how many documents per query, ``1 <= k <= N``.
+        q_mask, q_lengths: the queries' real tokens (``[Nq, Lq]`` / ``[Nq]``), as in ``maxsim.maxsim``.
+        d_mask, d_lengths: the padded corpus' real tokens (``[N, Ld]`` / ``[N]``); not with ``cu_seqlens_d``.
+        chunk: documents scored per step (default: ``CHUNK_SCORES // Nq``); bounds the scores held to
+            ``Nq * (chunk + k)`` float32.
+        normalize, validate: as in ``maxsim.maxsim``.
+
+    Returns:
+        float32 scores ``[Nq, k]`` and int64 document ids ``[Nq, k]`` (``[k]`` each for a 2-D ``q``), best
+        first, equal scores ordered by lower id.
+
+    Raises:
+        TypeError / ValueError: as ``maxsim.maxsim`` and ``maxsim.maxsim_varlen``, plus ``k`` outside
+        ``[1, N]``, a ``chunk`` below 1, masks or lengths for a packed corpus.
+    """
+    check.check_tokens(q, "q")
+    single = q.dim() == 2
+    if q.dim() not in (2, 3):
+        raise ValueError(f"q must have shape [Nq, Lq, D] or [Lq, D], got {tuple(q.shape)}")
+    check.check_flag(normalize, "normalize")
+    check.check_flag(validate, "validate")
+    _check_chunk(chunk)
+    packed = cu_seqlens_d is not None
+    if packed:
+        if d_mask is not None or d_lengths is not None:
+            raise ValueError(
+                "a packed corpus (cu_seqlens_d) takes no d_mask or d_lengths: its lengths are its offsets"
+            )
+        check.check_tokens(d, "d", rank=2)
+        check.check_pair(q, d)
+        longest = check.check_cu_seqlens(
+            cu_seqlens_d, "cu_seqlens_d", d.shape[0], "d", check_values=validate, device=q.device
+        )
+        n = cu_seqlens_d.shape[0] - 1
+    else:
+        check.check_tokens(d, "d", rank=3)
+        check.check_pair(q, d)
+        n = d.shape[0]
+    _check_k(k, n)
+    queries = q[None] if single else q
+    q_mask = check.token_mask(queries, q_mask if not single or q_mask is None else q_mask[None],
+                              q_lengths if not single or q_lengths is None else q_lengths[None],
+                              "q", check_values=validate, require_real=False)  # fmt: skip
+    if not packed:
+        d_mask = check.token_mask(d, d_mask, d_lengths, "d", check_values=validate, require_real=True)
+    nq = queries.shape[0]
+    step = chunk if chunk is not None else max(1, CHUNK_SCORES // max(nq, 1))
+    with torch.no_grad():
+        if packed:
+            score_chunk = _packed_scorer(queries, q_mask, d, cu_seqlens_d, longest, normalize)
+        else:
+            score_chunk = _padded_scorer(queries, q_mask, d, d_mask, normalize)
+        best_scores = torch.empty(nq, 0, dtype=torch.float32, device=q.device)
+        best_ids = torch.empty(nq, 0, dtype=torch.int64, device=q.device)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            best_scores, best_ids = merge_topk(best_scores, best_ids, score_chunk(start, stop), start, k)
+    if single:
+        return best_scores[0], best_ids[0]
+    return best_scores, best_ids
+
+
+def _padded_scorer(queries, q_mask, d, d_mask, normalize):
+    """``score(start, stop)``: float32 ``[Nq, stop - start]`` for documents ``[start, stop)`` of a padded corpus."""
+
+    def score(start: int, stop: int) -> torch.Tensor:
+        return maxsim(
+            queries[:, None], d[None, start:stop],
+            q_mask=None if q_mask is None else q_mask[:, None],
+            d_mask=None if d_mask is None else d_mask[None, start:stop],
+            normalize=normalize, validate=False,
+        )  # fmt: skip
+
+    return score
+
+
+def _packed_scorer(queries, q_mask, d, cu_d, longest, normalize):
+    """``score(start, stop)`` for a packed corpus: the queries packed once (masked tokens dropped, which
+    is what a mask means), each chunk of documents a slice of ``d`` with its own offsets."""
+    nq, lq = queries.shape[0], queries.shape[1]
+    real = torch.ones(nq, lq, dtype=torch.bool, device=queries.device) if q_mask is None else q_mask
+    counts = real.sum(dim=1)
+    has_tokens = counts > 0  # a query without a real token scores 0 everywhere
+    cu_q = torch.zeros(nq + 1, dtype=torch.int64, device=queries.device)
+    cu_q[1:] = counts.cumsum(0)
+    q_packed = queries[real]
+    cu_q_nonempty = torch.cat([cu_q[:1], cu_q[1:][has_tokens]])
+    kept = has_tokens.nonzero()[:, 0]
+    offsets = cu_d.to(torch.int64)
+    starts = offsets.tolist()  # one device->host copy of the offsets, then every chunk slices on the host
+    if longest is None:
+        longest = max(b - a for a, b in zip(starts[:-1], starts[1:], strict=True))
+
+    def score(start: int, stop: int) -> torch.Tensor:
+        out = torch.zeros(nq, stop - start, dtype=torch.float32, device=queries.device)
+        if kept.numel() == 0:
+            return out
+        t0, t1 = starts[start], starts[stop]
+        out[kept] = maxsim_varlen(
+            q_packed, cu_q_nonempty, d[t0:t1], offsets[start : stop + 1] - t0,
+            max_seqlen_q=lq, max_seqlen_d=longest, normalize=normalize, validate=False,
+        )  # fmt: skip
+        return out
+
+    return score
