@@ -18,7 +18,8 @@ from .api import maxsim, maxsim_varlen
 CHUNK_SCORES = 1 << 24
 
 
-def _check_k(k, n: int) -> None:
+def check_k(k, n: int) -> None:
+    """``k`` is a Python int in ``[1, n]``."""
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be a Python int, got {type(k).__name__}")
     if k < 1 or k > n:
@@ -37,22 +38,22 @@ def _check_chunk(chunk) -> None:
 
 
 def merge_topk(
-    best_scores: torch.Tensor, best_ids: torch.Tensor, scores: torch.Tensor, first_id: int, k: int
+    best_scores: torch.Tensor, best_ids: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge the scores of documents ``first_id, first_id + 1, ...`` into a running top-k.
+    """Merge new candidates into a running top-k.
 
     Args:
         best_scores: float32 ``[Nq, m]`` (m <= k), best first, equal scores by lower id; best_ids: int64.
-        scores: float32 ``[Nq, c]`` of the next ``c`` documents, all with ids above those in ``best_ids``.
+        scores: float32 ``[Nq, c]``; ids: int64 ``[Nq, c]`` or ``[c]``, all above those in ``best_ids`` and,
+            among equal scores, in increasing order.
 
     Returns:
         ``(scores, ids)`` ``[Nq, min(k, m + c)]``, best first, equal scores by lower id.
     """
-    ids = torch.arange(first_id, first_id + scores.shape[1], device=scores.device).expand_as(scores)
     # Among equal scores the concatenation is in id order (kept ones first, all with lower ids), and a
     # stable sort keeps that order.
     all_scores = torch.cat([best_scores, scores], dim=1)
-    all_ids = torch.cat([best_ids, ids], dim=1)
+    all_ids = torch.cat([best_ids, ids.expand_as(scores)], dim=1)
     order = torch.sort(all_scores, dim=1, descending=True, stable=True).indices[:, :k]
     return all_scores.gather(1, order), all_ids.gather(1, order)
 
@@ -115,7 +116,7 @@ def topk(
         check.check_tokens(d, "d", rank=3)
         check.check_pair(q, d)
         n = d.shape[0]
-    _check_k(k, n)
+    check_k(k, n)
     queries = q[None] if single else q
     q_mask = check.token_mask(queries, q_mask if not single or q_mask is None else q_mask[None],
                               q_lengths if not single or q_lengths is None else q_lengths[None],
@@ -133,7 +134,8 @@ def topk(
         best_ids = torch.empty(nq, 0, dtype=torch.int64, device=q.device)
         for start in range(0, n, step):
             stop = min(n, start + step)
-            best_scores, best_ids = merge_topk(best_scores, best_ids, score_chunk(start, stop), start, k)
+            ids = torch.arange(start, stop, device=q.device)
+            best_scores, best_ids = merge_topk(best_scores, best_ids, score_chunk(start, stop), ids, k)
     if single:
         return best_scores[0], best_ids[0]
     return best_scores, best_ids

@@ -1,0 +1,328 @@
+"""``maxsim.Index``: a packed multi-vector corpus with caller ids, quantized storage, search, save/load.
+
+Storage: document tokens packed ``[T, D]`` with int64 offsets ``[N+1]`` and int64 ids ``[N]``, in one of
+float16, bfloat16 (stored as given) or float8 e4m3 and int8 (each token scaled by its own float32 scale,
+``token ≈ stored * scale``; ``scale = max|token| / 448`` for e4m3, ``/ 127`` for int8).
+
+Search is ``maxsim.topk`` over the stored corpus in chunks of documents. Quantized chunks are widened to
+the queries' 16-bit dtype one chunk at a time (a bounded buffer, not the corpus): the fused kernels that
+read e4m3/int8 tokens directly (issue 6) are not written yet.
+
+Files are safetensors with a checksum of every tensor's bytes in the metadata: a truncated or corrupted
+file raises ``ValueError`` on load, never a wrong result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from . import validate as check
+from .search import check_k, merge_topk, topk
+
+STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.int8)
+QUANT_MAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
+FORMAT = "maxsim.Index/1"
+CHUNK_TOKENS = 1 << 20  # tokens widened per search step for quantized storage (256 MiB at D=128, fp16)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def quantize(tokens: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``tokens [T, D]`` float as ``(stored [T, D] dtype, scales [T] float32 or None)``."""
+    if dtype not in QUANT_MAX:
+        return tokens.to(dtype), None
+    wide = tokens.float()
+    scales = wide.abs().amax(dim=1) / QUANT_MAX[dtype]
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    scaled = wide / scales[:, None]
+    stored = scaled.round().clamp_(-127, 127).to(torch.int8) if dtype == torch.int8 else scaled.to(dtype)
+    return stored, scales
+
+
+def dequantize(stored: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Stored tokens back as ``dtype`` (``stored * scale`` per token for quantized storage)."""
+    if scales is None:
+        return stored.to(dtype)
+    return (stored.float() * scales[:, None]).to(dtype)
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``tensors`` (CPU, contiguous)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class Index:
+    """A multi-vector corpus to search: ``add``, ``remove``, ``search``, ``save`` / ``load``, ``to``.
+
+    Args:
+        dim: token dimension D.
+        dtype: storage dtype: float16, bfloat16, float8_e4m3fn or int8.
+        device: where the tokens live (default CPU).
+    """
+
+    def __init__(self, dim: int, dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu"):
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if dtype not in STORAGE_DTYPES:
+            names = ", ".join(_dtype_name(t) for t in STORAGE_DTYPES)
+            raise TypeError(f"dtype must be one of {names}; got {dtype}")
+        self.dim = dim
+        self.dtype = dtype
+        device = torch.device(device)
+        self.tokens = torch.empty(0, dim, dtype=dtype, device=device)
+        self.scales = torch.empty(0, dtype=torch.float32, device=device) if dtype in QUANT_MAX else None
+        self.offsets = torch.zeros(1, dtype=torch.int64, device=device)
+        self.ids = torch.empty(0, dtype=torch.int64, device=device)
+        self._lengths: list[int] = []  # host copy of the document lengths (chunking needs no sync)
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    def add(self, docs, ids: torch.Tensor | list[int] | None = None) -> torch.Tensor:
+        """Add documents; returns their int64 ids.
+
+        Args:
+            docs: a list of ``[L_i, D]`` float tensors, or ``(tokens [T, D], cu_seqlens [N+1])``.
+            ids: one unique int64 id per document (default: after the largest id so far).
+        """
+        tokens, lengths = self._packed(docs)
+        n = len(lengths)
+        if ids is None:
+            start = int(self.ids.max()) + 1 if len(self) else 0
+            new_ids = torch.arange(start, start + n, dtype=torch.int64)
+        else:
+            new_ids = torch.as_tensor(ids)
+            if new_ids.dtype.is_floating_point or new_ids.dtype == torch.bool or new_ids.shape != (n,):
+                raise ValueError(f"ids must be {n} integers (one per document), got {tuple(new_ids.shape)}")
+            new_ids = new_ids.to(torch.int64).cpu()
+        if new_ids.unique().numel() != n or bool(torch.isin(new_ids, self.ids.cpu()).any()):
+            raise ValueError("ids must be unique: a document with one of these ids is already in the index")
+        stored, scales = quantize(tokens.to(self.device), self.dtype)
+        self.tokens = torch.cat([self.tokens, stored])
+        if scales is not None:
+            self.scales = torch.cat([self.scales, scales])
+        ends = self.offsets[-1] + torch.tensor(lengths, dtype=torch.int64, device=self.device).cumsum(0)
+        self.offsets = torch.cat([self.offsets, ends])
+        self.ids = torch.cat([self.ids, new_ids.to(self.device)])
+        self._lengths += lengths
+        return new_ids
+
+    def _packed(self, docs) -> tuple[torch.Tensor, list[int]]:
+        """``docs`` as packed float tokens ``[T, D]`` and a list of lengths, checked."""
+        if isinstance(docs, tuple):
+            if len(docs) != 2:
+                raise TypeError(
+                    "docs must be a list of [L, D] tensors or a tuple (tokens [T, D], cu_seqlens)"
+                )
+            tokens, cu = docs
+            check.check_tokens(tokens, "docs tokens", rank=2)
+            check.check_cu_seqlens(cu, "docs cu_seqlens", tokens.shape[0], "docs tokens", check_values=True)
+            lengths = (cu[1:] - cu[:-1]).tolist()
+        elif isinstance(docs, (list, tuple)) and docs:
+            for i, doc in enumerate(docs):
+                check.check_tokens(doc, f"docs[{i}]", rank=2)
+            lengths = [doc.shape[0] for doc in docs]
+            tokens = torch.cat([doc.to(docs[0].dtype) for doc in docs])
+        else:
+            raise TypeError("docs must be a non-empty list of [L, D] tensors or a tuple (tokens, cu_seqlens)")
+        if tokens.shape[1] != self.dim:
+            raise ValueError(f"documents have dim {tokens.shape[1]}, the index has dim {self.dim}")
+        if not bool(torch.isfinite(tokens).all()):
+            raise ValueError("documents hold NaN or infinite values, which quantized storage cannot keep")
+        return tokens, lengths
+
+    def remove(self, ids) -> None:
+        """Remove the documents with these ids (each must be in the index)."""
+        drop = torch.as_tensor(ids, dtype=torch.int64).reshape(-1).to(self.device)
+        present = torch.isin(drop, self.ids)
+        if not bool(present.all()):
+            raise ValueError(f"ids not in the index: {drop[~present].tolist()[:10]}")
+        keep = ~torch.isin(self.ids, drop)
+        lengths = torch.tensor(self._lengths, dtype=torch.int64, device=self.device)
+        token_keep = torch.repeat_interleave(keep, lengths, output_size=self.tokens.shape[0])
+        self.tokens = self.tokens[token_keep]
+        if self.scales is not None:
+            self.scales = self.scales[token_keep]
+        kept_lengths = lengths[keep]
+        self.offsets = torch.cat([self.offsets[:1], kept_lengths.cumsum(0)])
+        self.ids = self.ids[keep]
+        self._lengths = kept_lengths.tolist()
+
+    def search(
+        self,
+        q: torch.Tensor,
+        k: int,
+        *,
+        q_mask=None,
+        q_lengths=None,
+        chunk: int | None = None,
+        normalize=False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` best documents per query: ``maxsim.topk`` semantics, the caller's ids.
+
+        Args:
+            q: ``[Nq, Lq, D]`` or ``[Lq, D]`` float32/float16/bfloat16 on the index's device.
+            chunk: documents per step (default: about ``CHUNK_TOKENS`` tokens).
+
+        Returns:
+            float32 scores and int64 ids ``[Nq, k]`` (``[k]`` for a 2-D ``q``), best first, equal scores by
+            lower position in the index (insertion order).
+        """
+        check.check_tokens(q, "q")
+        if q.shape[-1] != self.dim:
+            raise ValueError(f"q has dim {q.shape[-1]}, the index has dim {self.dim}")
+        check.check_device(q, "q", self.device, "the index")
+        if len(self) == 0:
+            raise ValueError("the index is empty")
+        if self.scales is None:
+            queries = q.to(self.dtype)
+            scores, pos = topk(
+                queries, self.tokens, k, q_mask=q_mask, q_lengths=q_lengths, cu_seqlens_d=self.offsets,
+                chunk=chunk, normalize=normalize,
+            )  # fmt: skip
+            return scores, self.ids[pos]
+        return self._search_quantized(q, k, q_mask, q_lengths, chunk, normalize)
+
+    def _search_quantized(self, q, k, q_mask, q_lengths, chunk, normalize):
+        """Chunks of documents widened to the queries' dtype one at a time, merged into a running top-k."""
+        n = len(self)
+        check_k(k, n)
+        wide = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float16
+        queries = q.to(wide)
+        single = queries.dim() == 2
+        starts = [0]
+        for length in self._lengths:
+            starts.append(starts[-1] + length)
+        bounds, first = [0], 0
+        for i in range(1, n + 1):
+            if (
+                i == n
+                or (chunk is not None and i - first >= chunk)
+                or (chunk is None and starts[i] - starts[first] >= CHUNK_TOKENS)
+            ):
+                bounds.append(i)
+                first = i
+        nq = 1 if single else queries.shape[0]
+        best_scores = torch.empty(nq, 0, dtype=torch.float32, device=self.device)
+        best_pos = torch.empty(nq, 0, dtype=torch.int64, device=self.device)
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            t0, t1 = starts[a], starts[b]
+            tokens = dequantize(self.tokens[t0:t1], self.scales[t0:t1], wide)
+            scores, pos = topk(
+                queries, tokens, min(k, b - a), q_mask=q_mask, q_lengths=q_lengths,
+                cu_seqlens_d=self.offsets[a : b + 1] - t0, normalize=normalize,
+            )  # fmt: skip
+            scores, pos = (scores[None], pos[None]) if single else (scores, pos)
+            # this chunk's positions are above every kept one, and its top-k has equal scores in position order
+            best_scores, best_pos = merge_topk(best_scores, best_pos, scores, pos + a, k)
+        if single:
+            best_scores, best_pos = best_scores[0], best_pos[0]
+        return best_scores, self.ids[best_pos]
+
+    def to(self, device: torch.device | str) -> Index:
+        """Move the index to ``device`` (in place); returns it."""
+        self.tokens = self.tokens.to(device)
+        self.scales = None if self.scales is None else self.scales.to(device)
+        self.offsets = self.offsets.to(device)
+        self.ids = self.ids.to(device)
+        return self
+
+    def memory(self) -> dict:
+        """Bytes held: ``tokens``, ``scales``, ``offsets``, ``ids``, ``total``, and ``bytes_per_token``."""
+        parts = {
+            "tokens": self.tokens.numel() * self.tokens.element_size(),
+            "scales": 0 if self.scales is None else self.scales.numel() * 4,
+            "offsets": self.offsets.numel() * 8,
+            "ids": self.ids.numel() * 8,
+        }
+        parts["total"] = sum(parts.values())
+        parts["bytes_per_token"] = parts["total"] / max(self.tokens.shape[0], 1)
+        return parts
+
+    def save(self, path: str | Path) -> None:
+        """Write the index to a safetensors file (with a checksum of every tensor)."""
+        save_file, _ = _safetensors()
+        tensors = {"tokens": self.tokens, "offsets": self.offsets, "ids": self.ids}
+        if self.scales is not None:
+            tensors["scales"] = self.scales
+        tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+        meta = {
+            "format": FORMAT,
+            "dim": str(self.dim),
+            "dtype": _dtype_name(self.dtype),
+            "sha256": _digest(tensors),
+        }
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> Index:
+        """Read an index written by ``save``; a truncated or corrupted file raises ``ValueError``."""
+        _, safe_open = _safetensors()
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # safetensors' own errors: bad header, truncated data
+            raise ValueError(f"{path} is not a readable maxsim index: {e}") from None
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a maxsim index file (format {meta.get('format')!r})")
+        if meta.get("sha256") != _digest(tensors):
+            raise ValueError(f"{path} is corrupted: its tensors do not match the checksum written with them")
+        dtype = getattr(torch, meta["dtype"], None)
+        index = cls(int(meta["dim"]), dtype)
+        _check_loaded(tensors, index, path)
+        index.tokens, index.offsets, index.ids = tensors["tokens"], tensors["offsets"], tensors["ids"]
+        index.scales = tensors.get("scales")
+        index._lengths = (index.offsets[1:] - index.offsets[:-1]).tolist()
+        return index.to(device)
+
+
+def _check_loaded(tensors: dict, index: Index, path) -> None:
+    """The loaded tensors form a valid index of ``index``'s dim and dtype."""
+    tokens, offsets, ids = tensors.get("tokens"), tensors.get("offsets"), tensors.get("ids")
+    problems = []
+    if tokens is None or offsets is None or ids is None:
+        problems.append("missing tensors")
+    else:
+        if tokens.dtype != index.dtype or tokens.dim() != 2 or tokens.shape[1] != index.dim:
+            problems.append("tokens of the wrong dtype or shape")
+        if ids.dim() != 1 or offsets.shape != (ids.shape[0] + 1,):
+            problems.append("offsets and ids disagree")
+        elif offsets[0] != 0 or offsets[-1] != tokens.shape[0] or bool((offsets[1:] <= offsets[:-1]).any()):
+            problems.append("offsets out of order")
+        if ids.unique().numel() != ids.numel():
+            problems.append("duplicate ids")
+        if (index.dtype in QUANT_MAX) != ("scales" in tensors) or (
+            "scales" in tensors and tensors["scales"].shape != (tokens.shape[0],)
+        ):
+            problems.append("scales missing or of the wrong shape")
+    if problems:
+        raise ValueError(f"{path} holds an inconsistent index: {', '.join(problems)}")
+
+
+def _safetensors():
+    try:
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("Index.save/load need safetensors: pip install 'maxsim[index]'") from e
+    return save_file, safe_open
+
+
+__all__ = ["Index", "quantize", "dequantize"]

@@ -1,0 +1,166 @@
+"""maxsim.Index: storage dtypes, ids, add/remove, search against maxsim.topk, save/load and its checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import dtype_id, integer_tokens
+
+import maxsim
+from maxsim.index import QUANT_MAX, dequantize, quantize
+
+STORAGE = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.int8)
+
+
+def documents(n: int, dim: int, seed: int, max_len: int = 12) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, max_len + 1, (n,), generator=g).tolist()
+    return [integer_tokens((length, dim), torch.float32, generator=g) for length in lengths]
+
+
+def clustered_corpus(n_docs: int, n_queries: int, dim: int = 128, centroids: int = 4096, seed: int = 0):
+    """Unit tokens around random unit centroids (noise of norm 0.5); each query is 32 noisy tokens of a
+    random document, so its top-10 is meaningful (issue 6's recall corpus, with fewer documents)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def unit(x):
+        return torch.nn.functional.normalize(x, dim=-1)
+
+    def noisy(x):
+        return unit(x + 0.5 * unit(torch.randn(x.shape, generator=g)))
+
+    centers = unit(torch.randn(centroids, dim, generator=g))
+    docs = []
+    for _ in range(n_docs):
+        length = int(torch.randint(16, 49, (1,), generator=g))
+        docs.append(noisy(centers[torch.randint(0, centroids, (length,), generator=g)]))
+    picks = torch.randint(0, n_docs, (n_queries,), generator=g).tolist()
+    queries = torch.stack(
+        [noisy(docs[i][torch.randint(0, docs[i].shape[0], (32,), generator=g)]) for i in picks]
+    )
+    return docs, queries
+
+
+@pytest.mark.parametrize("dtype", STORAGE, ids=dtype_id)
+def test_search_equals_topk_over_the_stored_tokens(dtype):
+    docs = documents(30, 16, 0)
+    ids = torch.arange(100, 130) * 7  # the caller's ids
+    index = maxsim.Index(16, dtype)
+    assert index.add(docs, ids=ids).tolist() == ids.tolist()
+    q = integer_tokens((3, 5, 16), torch.float32, generator=torch.Generator().manual_seed(1)).half()
+    scores, got = index.search(q, 7, chunk=4)
+    stored = dequantize(*quantize(torch.cat(docs), dtype), torch.float16)
+    cu = torch.tensor([0] + [d.shape[0] for d in docs]).cumsum(0)
+    ref_scores, ref_pos = maxsim.topk(q, stored, 7, cu_seqlens_d=cu)
+    assert torch.equal(got, ids[ref_pos]) and torch.equal(scores, ref_scores)
+    one_scores, one_ids = index.search(q[0], 7)
+    assert torch.equal(one_ids, got[0]) and torch.equal(one_scores, scores[0])
+
+
+def test_add_forms_ids_and_remove():
+    docs = documents(10, 8, 2)
+    index = maxsim.Index(8)
+    first = index.add(docs[:6])
+    tokens = torch.cat(docs[6:])
+    cu = torch.tensor([0] + [d.shape[0] for d in docs[6:]]).cumsum(0)
+    second = index.add((tokens, cu))
+    assert first.tolist() == list(range(6)) and second.tolist() == list(range(6, 10))
+    index.remove([1, 7])
+    rebuilt = maxsim.Index(8)
+    keep = [i for i in range(10) if i not in (1, 7)]
+    rebuilt.add([docs[i] for i in keep], ids=keep)
+    q = torch.randn(2, 4, 8).half()
+    assert torch.equal(index.search(q, 8)[1], rebuilt.search(q, 8)[1])
+    assert len(index) == 8 and index.add(docs[:1]).tolist() == [10]
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8], ids=dtype_id)
+def test_quantized_recall_on_clustered_tokens(dtype):
+    """recall@10 of a quantized index against the exact float16 one. Issue 6's bar (>= 0.99) is for its
+    100k-document corpus; on this 1,500-document sample (320 query-document hits) e4m3 measured 0.975 and
+    int8 0.994 (0.994 both at 2,000 documents), so the check here is a regression floor, not the bar."""
+    docs, queries = clustered_corpus(1500, 32)
+    exact, quant = maxsim.Index(128, torch.float16), maxsim.Index(128, dtype)
+    exact.add(docs)
+    quant.add(docs)
+    _, want = exact.search(queries.half(), 10)
+    _, got = quant.search(queries.half(), 10)
+    recall = (
+        sum(len(set(a) & set(b)) for a, b in zip(want.tolist(), got.tolist(), strict=True)) / want.numel()
+    )
+    assert recall >= 0.97, f"recall@10 {recall:.3f}"
+    memory = quant.memory()
+    assert memory["tokens"] == quant.tokens.shape[0] * 128 and memory["scales"] == quant.tokens.shape[0] * 4
+
+
+def test_quantize_round_trip_error():
+    x = torch.randn(50, 32)
+    for dtype, bound in ((torch.int8, 0.5 / 127), (torch.float8_e4m3fn, 2.0**-4)):
+        stored, scales = quantize(x, dtype)
+        assert stored.dtype == dtype and scales.shape == (50,)
+        err = (dequantize(stored, scales, torch.float32) - x).abs().amax(dim=1)
+        assert bool((err <= bound * x.abs().amax(dim=1) + 1e-7).all())
+    assert QUANT_MAX[torch.int8] == 127.0
+
+
+@pytest.mark.parametrize("dtype", STORAGE, ids=dtype_id)
+def test_save_load_round_trip(dtype, tmp_path):
+    index = maxsim.Index(8, dtype)
+    index.add(documents(9, 8, 3), ids=[5, 3, 9, 1, 0, 2, 8, 7, 6])
+    path = tmp_path / "index.safetensors"
+    index.save(path)
+    loaded = maxsim.Index.load(path)
+    assert loaded.dtype == dtype and loaded.dim == 8 and torch.equal(loaded.ids, index.ids)
+    q = torch.randn(2, 3, 8).half()
+    assert torch.equal(loaded.search(q, 4)[1], index.search(q, 4)[1])
+
+
+def test_truncated_or_corrupted_files_raise(tmp_path):
+    index = maxsim.Index(8, torch.int8)
+    index.add(documents(9, 8, 4))
+    path = tmp_path / "index.safetensors"
+    index.save(path)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) - 40])
+    with pytest.raises(ValueError, match="not a readable maxsim index"):
+        maxsim.Index.load(cut)
+    flipped = bytearray(data)
+    flipped[-3] ^= 0x10  # one bit of the last tensor's data
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="corrupted"):
+        maxsim.Index.load(bad)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(ValueError, match="not a readable maxsim index"):
+        maxsim.Index.load(garbage)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="dim must be a positive int"):
+        maxsim.Index(0)
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        maxsim.Index(8, torch.float32)
+    index = maxsim.Index(8)
+    with pytest.raises(ValueError, match="the index is empty"):
+        index.search(torch.randn(2, 8), 1)
+    with pytest.raises(TypeError, match="docs must be"):
+        index.add([])
+    with pytest.raises(ValueError, match="dim 4, the index has dim 8"):
+        index.add([torch.randn(3, 4)])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        index.add([torch.full((2, 8), float("nan"))])
+    index.add(documents(3, 8, 5), ids=[4, 5, 6])
+    with pytest.raises(ValueError, match="ids must be unique"):
+        index.add(documents(1, 8, 6), ids=[5])
+    with pytest.raises(ValueError, match="ids must be unique"):
+        index.add(documents(2, 8, 6), ids=[9, 9])
+    with pytest.raises(ValueError, match="ids must be 2 integers"):
+        index.add(documents(2, 8, 6), ids=[1.0, 2.0])
+    with pytest.raises(ValueError, match="ids not in the index"):
+        index.remove([4, 99])
+    with pytest.raises(ValueError, match=r"k must lie in \[1, 3\]"):
+        index.search(torch.randn(2, 8), 4)
+    with pytest.raises(ValueError, match="q has dim 4"):
+        index.search(torch.randn(2, 4), 1)
