@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -387,3 +388,18 @@ def test_git_commit_prefers_the_given_commit(monkeypatch):
     assert system.git_commit() == {"commit": "abc1234", "dirty": None, "source": "MAXSIM_GIT_COMMIT"}
     monkeypatch.delenv("MAXSIM_GIT_COMMIT")
     assert system.git_commit()["commit"] != "abc1234"
+
+
+def test_readme_chart_comes_from_a_committed_results_json(tmp_path):
+    """The README's chart is `maxsim bench --plot` of a JSON under benchmarks/results/: both exist, and the
+    command the README gives remakes it."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    match = re.search(r"maxsim bench --plot (\S+) --from (\S+\.json)", readme)
+    assert match, "the README names the command that makes its chart"
+    chart, source = match.groups()
+    assert (root / chart).is_file() and f"]({chart})" in readme
+    assert source.startswith("benchmarks/results/") and (root / source).is_file()
+    out = tmp_path / "chart.png"
+    assert main(["bench", "--plot", str(out), "--from", str(root / source)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
