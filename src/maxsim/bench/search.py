@@ -1,0 +1,217 @@
+"""Search workloads (issue 6): exact top-10 over a clustered multi-vector corpus, per storage dtype.
+
+The corpus is issue 6's: every token a unit vector around one of 4,096 random unit centroids with noise of
+norm 0.5, documents of uniform length in [128, 300], packed float16 with offsets; each query is 32 noisy
+tokens of a random document, so its top-10 is meaningful. Providers, each timed on batches of 32 queries
+and on one query:
+
+- ``topk``: ``maxsim.topk`` on the packed float16 corpus (exact);
+- ``index-<dtype>``: ``maxsim.Index(dtype).search`` for float16, float8_e4m3fn and int8 storage;
+- ``naive-chunked``: 4,096 documents at a time padded, ``einsum`` -> masked ``amax`` -> ``sum`` -> top-k.
+
+Reported: ms per batch, queries/s, bytes per stored token, recall@10 against the exact float16 answer, and
+the floors (FLOPs of the real tokens / matmul rate; bytes of the real tokens / copy bandwidth, measured in
+the same run). GPU timings are ``do_bench`` medians (L2 flushed), CPU ones ``perf_counter`` medians.
+
+    python -m maxsim.bench.search [--docs 100000] [--device cuda] [--json out.json]
+
+The peers' search functions are not wired here yet (issue 6 quotes them at 43-77 ms on its corpus).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import maxsim
+from maxsim.search import merge_topk
+
+from . import runner, system
+
+K = 10
+DIM = 128
+CENTROIDS = 4096
+NOISE = 0.5
+LENGTHS = (128, 300)
+QUERY_TOKENS = 32
+STORAGE = (torch.float16, torch.float8_e4m3fn, torch.int8)
+NAIVE_CHUNK = 4096
+FULL_DOCS = 100_000  # the size issue 6's bars are read at
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def clustered_corpus(n_docs: int, n_queries: int, device: torch.device, seed: int = 0):
+    """``(tokens [T, D] float16, cu_seqlens [N+1] int64, queries [Nq, 32, D] float16)`` as issue 6 builds them."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    centers = _unit(torch.randn(CENTROIDS, DIM, generator=g, device=device))
+    lengths = torch.randint(LENGTHS[0], LENGTHS[1] + 1, (n_docs,), generator=g, device=device)
+    cu = torch.zeros(n_docs + 1, dtype=torch.int64, device=device)
+    cu[1:] = lengths.cumsum(0)
+    total = int(cu[-1])
+    tokens = torch.empty(total, DIM, dtype=torch.float16, device=device)
+    step = 1 << 22  # tokens generated per step (bounded float32 temporaries)
+    for t0 in range(0, total, step):
+        n = min(step, total - t0)
+        picks = torch.randint(0, CENTROIDS, (n,), generator=g, device=device)
+        noise = NOISE * _unit(torch.randn(n, DIM, generator=g, device=device))
+        tokens[t0 : t0 + n] = _unit(centers[picks] + noise).half()
+    docs = torch.randint(0, n_docs, (n_queries,), generator=g, device=device)
+    starts, counts = cu[docs], lengths[docs]
+    offsets = (torch.rand(n_queries, QUERY_TOKENS, generator=g, device=device) * counts[:, None]).long()
+    picked = tokens[(starts[:, None] + offsets).reshape(-1)].float()
+    noise = NOISE * _unit(torch.randn(picked.shape, generator=g, device=device))
+    queries = _unit(picked + noise).half().reshape(n_queries, QUERY_TOKENS, DIM)
+    return tokens, cu, queries
+
+
+def naive_chunked_topk(queries: torch.Tensor, tokens: torch.Tensor, cu: torch.Tensor, k: int):
+    """The plain torch way: pad ``NAIVE_CHUNK`` documents at a time, einsum, masked amax, sum, merge."""
+    starts = cu.tolist()
+    n = len(starts) - 1
+    best_s = torch.empty(queries.shape[0], 0, dtype=torch.float32, device=queries.device)
+    best_i = torch.empty(queries.shape[0], 0, dtype=torch.int64, device=queries.device)
+    for a in range(0, n, NAIVE_CHUNK):
+        b = min(n, a + NAIVE_CHUNK)
+        lengths = cu[a + 1 : b + 1] - cu[a:b]
+        docs = torch.nn.utils.rnn.pad_sequence(
+            list(tokens[starts[a] : starts[b]].split(lengths.tolist())), True
+        )
+        sim = torch.einsum("qle,nte->qnlt", queries, docs)
+        real = torch.arange(docs.shape[1], device=docs.device) < lengths[:, None]
+        sim = sim.masked_fill(~real[None, :, None, :], float("-inf"))
+        scores = sim.amax(-1).sum(-1).float()
+        ids = torch.arange(a, b, device=queries.device)
+        best_s, best_i = merge_topk(best_s, best_i, scores, ids, k)
+    return best_s, best_i
+
+
+def _time(fn, device: torch.device, repeats: int) -> float:
+    """Median ms: ``do_bench`` (L2 flushed) on CUDA, ``perf_counter`` over ``repeats`` calls elsewhere."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, quantiles=[0.5])[0])
+    fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def _recall(got: torch.Tensor, want: torch.Tensor) -> float:
+    hits = sum(len(set(a) & set(b)) for a, b in zip(got.tolist(), want.tolist(), strict=True))
+    return hits / want.numel()
+
+
+def run(n_docs: int, n_queries: int, device: torch.device, repeats: int = 3, quick: bool = False) -> dict:
+    """Build the corpus, check every provider's top-10, time them; the results dict (JSON-ready)."""
+    tokens, cu, queries = clustered_corpus(n_docs, n_queries, device)
+    ceil = runner.ceilings(device, quick=quick)
+    total = tokens.shape[0]
+    indexes = {}
+    for dtype in STORAGE:
+        index = maxsim.Index(DIM, dtype, device=device)
+        index.add((tokens, cu))
+        indexes[str(dtype).removeprefix("torch.")] = index
+    providers = {"topk": lambda q: maxsim.topk(q, tokens, K, cu_seqlens_d=cu)}
+    for name, index in indexes.items():
+        providers[f"index-{name}"] = lambda q, index=index: index.search(q, K)
+    providers["naive-chunked"] = lambda q: naive_chunked_topk(q, tokens, cu, K)
+    _, exact = maxsim.topk(queries, tokens, K, cu_seqlens_d=cu)
+    rows = []
+    for nq in (n_queries, 1):
+        q = queries[:nq]
+        flops = 2 * nq * QUERY_TOKENS * total * DIM
+        flop_ms = flops / (ceil["matmul"]["tflops"] * 1e12) * 1e3
+        bytes_ms = total * DIM * 2 / (ceil["copy"]["gbps"] * 1e9) * 1e3
+        for name, fn in providers.items():
+            _, ids = fn(q)
+            ms = _time(lambda fn=fn, q=q: fn(q), device, repeats)
+            memory = indexes[name.removeprefix("index-")].memory() if name.startswith("index-") else None
+            rows.append({
+                "provider": name, "queries": nq, "ms": ms, "queries_per_s": nq / (ms * 1e-3),
+                "recall_at_10": _recall(ids, exact[:nq]),
+                "bytes_per_token": None if memory is None else memory["bytes_per_token"],
+                "flop_floor_ms": flop_ms, "bytes_floor_ms": bytes_ms,
+                "x_flop_floor": ms / flop_ms, "x_bytes_floor": ms / bytes_ms,
+            })  # fmt: skip
+    return {
+        "schema": "maxsim-bench-search/1",
+        "device": system.device_info(device),
+        "versions": system.versions(),
+        "git": system.git_commit(),
+        "corpus": {"documents": n_docs, "tokens": total, "dim": DIM, "lengths": LENGTHS, "centroids": CENTROIDS,
+                   "noise": NOISE, "queries": n_queries, "query_tokens": QUERY_TOKENS, "k": K},
+        "ceilings": ceil,
+        "results": rows,
+        "bars": evaluate_bars(rows, full_size=device.type == "cuda" and n_docs >= FULL_DOCS),
+    }  # fmt: skip
+
+
+def evaluate_bars(rows: list[dict], full_size: bool) -> list[dict]:
+    """Issue 6's bars on one run's rows; verdicts only at full size on a GPU (``pass`` None otherwise)."""
+    by = {(r["provider"], r["queries"]): r for r in rows}
+    batch = max(r["queries"] for r in rows)
+    bars = []
+
+    def bar(text: str, value: float | None, op: str, limit: float) -> None:
+        ok = None if not full_size else (value <= limit * 1.03 if op == "<=" else value >= limit)
+        bars.append({"bar": text, "measured": value, "limit": limit, "op": op, "pass": ok})
+
+    for name in ("topk", "index-float16"):
+        bar(f"{name}, {batch} queries: x FLOP floor", by[(name, batch)]["x_flop_floor"], "<=", 2.0)
+        bar(f"{name}, one query: x bytes floor", by[(name, 1)]["x_bytes_floor"], "<=", 1.3)
+    fp16 = {nq: by[("index-float16", nq)]["ms"] for nq in (batch, 1)}
+    for name in ("index-float8_e4m3fn", "index-int8"):
+        bar(f"{name}, one query: time / float16 index", by[(name, 1)]["ms"] / fp16[1], "<=", 0.6)
+        bar(
+            f"{name}, {batch} queries: time / float16 index",
+            by[(name, batch)]["ms"] / fp16[batch],
+            "<=",
+            0.75,
+        )
+        bar(f"{name}: recall@10", by[(name, batch)]["recall_at_10"], ">=", 0.99)
+    return bars
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="maxsim search workloads (issue 6)")
+    parser.add_argument("--docs", type=int, help=f"documents (default {FULL_DOCS} on CUDA, 2000 elsewhere)")
+    parser.add_argument("--queries", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="CPU timed calls per provider")
+    parser.add_argument(
+        "--quick", action="store_true", help="small ceilings (smoke runs; floors not comparable)"
+    )
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    docs = args.docs or (FULL_DOCS if device.type == "cuda" else 2000)
+    result = run(docs, args.queries, device, repeats=args.repeats, quick=args.quick)
+    print(f"search: {docs} documents, {result['corpus']['tokens']} tokens, D={DIM}, top-{K}, {device}")
+    print(f"{'provider':22s} {'queries':>7s} {'ms':>10s} {'queries/s':>10s} {'recall@10':>9s} "
+          f"{'B/token':>8s} {'x FLOP floor':>12s} {'x bytes floor':>13s}")  # fmt: skip
+    for r in result["results"]:
+        bpt = "-" if r["bytes_per_token"] is None else f"{r['bytes_per_token']:.1f}"
+        print(f"{r['provider']:22s} {r['queries']:7d} {r['ms']:10.3f} {r['queries_per_s']:10.1f} "
+              f"{r['recall_at_10']:9.3f} {bpt:>8s} {r['x_flop_floor']:12.2f} {r['x_bytes_floor']:13.2f}")  # fmt: skip
+    for b in result["bars"]:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a (read at full size on a GPU)"}[b["pass"]]
+        print(f"  {verdict}  {b['bar']} {b['op']} {b['limit']}, measured {b['measured']:.3g}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

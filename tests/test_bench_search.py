@@ -1,0 +1,33 @@
+"""The search workloads of issue 6 (maxsim.bench.search), as a smoke run on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from maxsim.bench import search as bench_search
+
+
+def test_search_workloads_smoke(tmp_path):
+    out = tmp_path / "search.json"
+    result = bench_search.main(
+        ["--docs", "120", "--queries", "4", "--repeats", "1", "--quick", "--json", str(out)]
+    )
+    assert json.loads(out.read_text())["schema"] == "maxsim-bench-search/1"
+    rows = {(r["provider"], r["queries"]): r for r in result["results"]}
+    assert set(rows) == {(p, n) for p in ("topk", "index-float16", "index-float8_e4m3fn", "index-int8",
+                                           "naive-chunked") for n in (4, 1)}  # fmt: skip
+    for key in [("topk", 4), ("index-float16", 4), ("naive-chunked", 4)]:
+        assert rows[key]["recall_at_10"] == 1.0, key  # exact providers give the exact answer
+    assert rows[("index-int8", 4)]["bytes_per_token"] < rows[("index-float16", 4)]["bytes_per_token"] / 1.9
+    assert all(b["pass"] is None for b in result["bars"]), "bars are only read at full size on a GPU"
+
+
+def test_clustered_corpus_shapes():
+    tokens, cu, queries = bench_search.clustered_corpus(50, 3, torch.device("cpu"))
+    lengths = cu[1:] - cu[:-1]
+    assert tokens.dtype == torch.float16 and tokens.shape == (int(cu[-1]), bench_search.DIM)
+    assert int(lengths.min()) >= 128 and int(lengths.max()) <= 300
+    assert queries.shape == (3, 32, bench_search.DIM)
+    assert torch.allclose(tokens.float().norm(dim=1), torch.ones(tokens.shape[0]), atol=2e-3)
