@@ -44,7 +44,7 @@ def clustered_corpus(n_docs: int, n_queries: int, dim: int = 128, centroids: int
 @pytest.mark.parametrize("dtype", STORAGE, ids=dtype_id)
 def test_search_equals_topk_over_the_stored_tokens(dtype):
     docs = documents(30, 16, 0)
-    ids = torch.arange(100, 130) * 7  # the caller's ids
+    ids = torch.arange(100, 130) * 7  # the caller's ids, increasing
     index = maxsim.Index(16, dtype)
     assert index.add(docs, ids=ids).tolist() == ids.tolist()
     q = integer_tokens((3, 5, 16), torch.float32, generator=torch.Generator().manual_seed(1)).half()
@@ -55,6 +55,24 @@ def test_search_equals_topk_over_the_stored_tokens(dtype):
     assert torch.equal(got, ids[ref_pos]) and torch.equal(scores, ref_scores)
     one_scores, one_ids = index.search(q[0], 7)
     assert torch.equal(one_ids, got[0]) and torch.equal(one_scores, scores[0])
+
+
+def test_equal_scores_come_out_by_lower_id_whatever_the_insertion_order():
+    """Duplicated documents added with ids out of order (in two calls): ties by lower id, as topk's."""
+    base = documents(6, 8, 7)
+    index = maxsim.Index(8, torch.bfloat16)
+    index.add([base[i] for i in (0, 1, 2)], ids=[50, 10, 30])
+    index.add([base[i] for i in (2, 0, 1, 3, 4, 5)], ids=[20, 40, 5, 60, 1, 70])
+    assert index.ids.tolist() == sorted(index.ids.tolist())
+    order = sorted([(50, 0), (10, 1), (30, 2), (20, 2), (40, 0), (5, 1), (60, 3), (1, 4), (70, 5)])
+    q = integer_tokens((2, 3, 8), torch.float32, generator=torch.Generator().manual_seed(8)).bfloat16()
+    tokens = torch.cat([base[j] for _, j in order])
+    cu = torch.tensor([0] + [base[j].shape[0] for _, j in order]).cumsum(0)
+    ref_scores, ref_pos = maxsim.topk(q, tokens.bfloat16(), 9, cu_seqlens_d=cu)
+    scores, ids = index.search(q, 9)
+    assert torch.equal(ids, torch.tensor([i for i, _ in order])[ref_pos]) and torch.equal(scores, ref_scores)
+    index.remove([30, 1])
+    assert index.search(q, 7)[1].tolist() == [[i for i in row if i not in (30, 1)] for row in ids.tolist()]
 
 
 def test_add_forms_ids_and_remove():

@@ -4,7 +4,8 @@ Storage: document tokens packed ``[T, D]`` with int64 offsets ``[N+1]`` and int6
 float16, bfloat16 (stored as given) or float8 e4m3 and int8 (each token scaled by its own float32 scale,
 ``token ≈ stored * scale``; ``scale = max|token| / 448`` for e4m3, ``/ 127`` for int8).
 
-Search is ``maxsim.topk`` over the stored corpus in chunks of documents. Quantized chunks are widened to
+Documents are kept in ascending id order, so search results with equal scores come out by lower id, as
+``maxsim.topk``'s do. Search is ``maxsim.topk`` over the stored corpus in chunks of documents. Quantized chunks are widened to
 the queries' 16-bit dtype one chunk at a time (a bounded buffer, not the corpus): the fused kernels that
 read e4m3/int8 tokens directly (issue 6) are not written yet.
 
@@ -117,9 +118,28 @@ class Index:
             self.scales = torch.cat([self.scales, scales])
         ends = self.offsets[-1] + torch.tensor(lengths, dtype=torch.int64, device=self.device).cumsum(0)
         self.offsets = torch.cat([self.offsets, ends])
+        in_order = len(self) == 0 or int(new_ids.min()) > int(self.ids.max())
         self.ids = torch.cat([self.ids, new_ids.to(self.device)])
         self._lengths += lengths
+        if not in_order or bool((new_ids[1:] < new_ids[:-1]).any()):
+            self._sort_by_id()
         return new_ids
+
+    def _sort_by_id(self) -> None:
+        """Reorder the documents (tokens, scales, offsets, lengths) by ascending id."""
+        order = torch.argsort(self.ids)
+        lengths = torch.tensor(self._lengths, dtype=torch.int64, device=self.device)[order]
+        old_starts = self.offsets[:-1][order]
+        new_offsets = torch.cat([self.offsets[:1], lengths.cumsum(0)])
+        total = self.tokens.shape[0]
+        shift = torch.repeat_interleave(old_starts - new_offsets[:-1], lengths, output_size=total)
+        gather = torch.arange(total, device=self.device) + shift
+        self.tokens = self.tokens[gather]
+        if self.scales is not None:
+            self.scales = self.scales[gather]
+        self.offsets = new_offsets
+        self.ids = self.ids[order]
+        self._lengths = lengths.tolist()
 
     def _packed(self, docs) -> tuple[torch.Tensor, list[int]]:
         """``docs`` as packed float tokens ``[T, D]`` and a list of lengths, checked."""
@@ -180,7 +200,7 @@ class Index:
 
         Returns:
             float32 scores and int64 ids ``[Nq, k]`` (``[k]`` for a 2-D ``q``), best first, equal scores by
-            lower position in the index (insertion order).
+            lower id.
         """
         check.check_tokens(q, "q")
         if q.shape[-1] != self.dim:
@@ -306,8 +326,8 @@ def _check_loaded(tensors: dict, index: Index, path) -> None:
             problems.append("offsets and ids disagree")
         elif offsets[0] != 0 or offsets[-1] != tokens.shape[0] or bool((offsets[1:] <= offsets[:-1]).any()):
             problems.append("offsets out of order")
-        if ids.unique().numel() != ids.numel():
-            problems.append("duplicate ids")
+        if bool((ids[1:] <= ids[:-1]).any()):
+            problems.append("ids not strictly increasing")
         if (index.dtype in QUANT_MAX) != ("scales" in tensors) or (
             "scales" in tensors and tensors["scales"].shape != (tokens.shape[0],)
         ):
