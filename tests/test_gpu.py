@@ -319,3 +319,26 @@ def test_backward_kernels_against_reference(dtype, normalize):
         assert ours.dtype == dtype
         err = (ours.double() - ref).abs()
         assert bool((err <= tol * ref.abs().clamp(min=1.0)).all()), f"max error {err.max().item():.3g}"
+
+
+def test_topk_beyond_2_31_elements():
+    """A packed corpus of more than 2^31 elements (int64 offsets everywhere): documents planted past the
+    2^31-th element are found with their exact scores, in padded-free varlen and through an Index."""
+    dim, length = 128, 256
+    n_docs = (2**31 // (dim * length)) + 64  # 65,600 documents, 2^31 + 2 Mi elements
+    d = torch.empty(n_docs * length, dim, dtype=torch.float16, device=CUDA).uniform_(-0.01, 0.01)
+    q = tokens((2, 32, dim), torch.float16, 48)
+    planted = [n_docs - 1, n_docs - 40]  # both start beyond element 2^31
+    assert min(planted) * length * dim > 2**31
+    for i, doc in enumerate(planted):
+        d[doc * length : doc * length + 32] = q[i]  # query i matches document `doc` exactly
+    cu = torch.arange(0, n_docs + 1, device=CUDA, dtype=torch.int64) * length
+    scores, ids = maxsim.topk(q, d, 3, cu_seqlens_d=cu)
+    assert ids[:, 0].tolist() == planted
+    for i, doc in enumerate(planted):
+        want = maxsim.maxsim(q[i], d[doc * length : (doc + 1) * length])
+        assert torch.equal(scores[i, 0], want)
+    index = maxsim.Index(dim, torch.float16, device=CUDA)
+    index.add((d, cu))
+    del d
+    assert index.search(q, 3)[1][:, 0].tolist() == planted
