@@ -121,11 +121,14 @@ def test_cli_align_end_to_end(tmp_path, capsys):
     assert f"wrote {out}" in printed
 
 
-def test_cli_align_rejects_empty_text(tmp_path):
+def test_cli_align_rejects_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli(["align", "--query", " ", "--document", "text", "--out", str(tmp_path / "x.png")])
     with pytest.raises(SystemExit):
         cli(["align", "--query", "q"])  # --document is required
+    with pytest.raises(SystemExit):
+        cli(["align", "--query", "q", "--document", "d", "--out", str(tmp_path / "missing" / "x.png")])
+    assert "--out: the folder of" in capsys.readouterr().err
 
 
 def test_missing_encoder_package_is_a_clear_error(monkeypatch):

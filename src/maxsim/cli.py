@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 _DTYPES = ("float16", "bfloat16", "float32")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maxsim", description="Exact, fast MaxSim: info and benchmarks.")
+    parser = argparse.ArgumentParser(prog="maxsim", description="Exact, fast MaxSim: info, bench, align.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("info", help="versions, devices and the backend each device gets")
     b = sub.add_parser(
@@ -204,6 +205,8 @@ def _align(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(f"--{name} must not be empty")
     if args.dpi < 1:
         parser.error("--dpi must be >= 1")
+    if not Path(args.out).resolve().parent.is_dir():
+        parser.error(f"--out: the folder of {args.out} does not exist")
     try:
         encoded = load_minilm(args.device).encode([args.query, args.document])
         q, d = (encoded.embeddings[i, encoded.mask[i]] for i in (0, 1))  # each text's real tokens
