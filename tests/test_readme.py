@@ -8,7 +8,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_snippets_run():
+def test_readme_snippets_run(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the snippets run from the repository root, as a reader's would
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert len(blocks) >= 5
