@@ -24,6 +24,13 @@ def test_search_workloads_smoke(tmp_path):
     assert all(b["pass"] is None for b in result["bars"]), "bars are only read at full size on a GPU"
 
 
+def test_cli_runs_it(capsys):
+    from maxsim.cli import main
+
+    assert main(["bench-search", "--docs", "40", "--queries", "2", "--repeats", "1", "--quick"]) == 0
+    assert "index-int8" in capsys.readouterr().out
+
+
 def test_clustered_corpus_shapes():
     tokens, cu, queries = bench_search.clustered_corpus(50, 3, torch.device("cpu"))
     lengths = cu[1:] - cu[:-1]

@@ -5,6 +5,7 @@
                  [--method cold,graph,eager] [--repeats N] [--json out.json] [--plot out.png]
     maxsim bench --plot out.png --from results.json   plot (and print) a saved run without running
     maxsim bench --list                      the workload registry
+    maxsim bench-search [--docs N] [--queries N] [--json out.json]   issue 6's search workloads
     maxsim align --query TEXT --document TEXT [--out align.png]   the argmax alignment of one pair,
                                              embedded by all-MiniLM-L6-v2 (needs the encoder and plot extras)
 
@@ -68,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
         "--quick", action="store_true",
         help="smoke run: small ceilings, 2 repeats, no compile (seconds; floors not comparable)",
     )  # fmt: skip
+    sub.add_parser(  # its own parser reads the arguments (see main)
+        "bench-search", help="the search workloads: topk and Index (float16, e4m3, int8) on a clustered corpus"
+    )
     a = sub.add_parser(
         "align",
         help="picture which document token each query token picks (real encoder)",
@@ -88,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``maxsim`` console script; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench-search"]:
+        from .bench import search
+
+        search.main(argv[1:])
+        return 0
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "info":

@@ -13,7 +13,7 @@ Reported: ms per batch, queries/s, bytes per stored token, recall@10 against the
 the floors (FLOPs of the real tokens / matmul rate; bytes of the real tokens / copy bandwidth, measured in
 the same run). GPU timings are ``do_bench`` medians (L2 flushed), CPU ones ``perf_counter`` medians.
 
-    python -m maxsim.bench.search [--docs 100000] [--device cuda] [--json out.json]
+    maxsim bench-search [--docs 100000] [--device cuda] [--json out.json]   (or python -m maxsim.bench.search)
 
 The peers' search functions are not wired here yet (issue 6 quotes them at 43-77 ms on its corpus).
 """
@@ -184,7 +184,9 @@ def evaluate_bars(rows: list[dict], full_size: bool) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="maxsim search workloads (issue 6)")
+    parser = argparse.ArgumentParser(
+        prog="maxsim bench-search", description="maxsim search workloads (issue 6)"
+    )
     parser.add_argument("--docs", type=int, help=f"documents (default {FULL_DOCS} on CUDA, 2000 elsewhere)")
     parser.add_argument("--queries", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
