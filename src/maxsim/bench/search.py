@@ -47,11 +47,14 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=-1)
 
 
-def clustered_corpus(n_docs: int, n_queries: int, device: torch.device, seed: int = 0):
-    """``(tokens [T, D] float16, cu_seqlens [N+1] int64, queries [Nq, 32, D] float16)`` as issue 6 builds them."""
+def clustered_corpus(
+    n_docs: int, n_queries: int, device: torch.device, seed: int = 0, lengths_range: tuple = LENGTHS
+):
+    """``(tokens [T, D] float16, cu_seqlens [N+1] int64, queries [Nq, 32, D] float16)`` as issue 6 builds
+    them, documents of uniform length in ``lengths_range`` (inclusive)."""
     g = torch.Generator(device=device).manual_seed(seed)
     centers = _unit(torch.randn(CENTROIDS, DIM, generator=g, device=device))
-    lengths = torch.randint(LENGTHS[0], LENGTHS[1] + 1, (n_docs,), generator=g, device=device)
+    lengths = torch.randint(lengths_range[0], lengths_range[1] + 1, (n_docs,), generator=g, device=device)
     cu = torch.zeros(n_docs + 1, dtype=torch.int64, device=device)
     cu[1:] = lengths.cumsum(0)
     total = int(cu[-1])
@@ -112,9 +115,16 @@ def _recall(got: torch.Tensor, want: torch.Tensor) -> float:
     return hits / want.numel()
 
 
-def run(n_docs: int, n_queries: int, device: torch.device, repeats: int = 3, quick: bool = False) -> dict:
+def run(
+    n_docs: int,
+    n_queries: int,
+    device: torch.device,
+    repeats: int = 3,
+    quick: bool = False,
+    lengths_range: tuple = LENGTHS,
+) -> dict:
     """Build the corpus, check every provider's top-10, time them; the results dict (JSON-ready)."""
-    tokens, cu, queries = clustered_corpus(n_docs, n_queries, device)
+    tokens, cu, queries = clustered_corpus(n_docs, n_queries, device, lengths_range=lengths_range)
     ceil = runner.ceilings(device, quick=quick)
     total = tokens.shape[0]
     indexes = {}
@@ -149,11 +159,13 @@ def run(n_docs: int, n_queries: int, device: torch.device, repeats: int = 3, qui
         "device": system.device_info(device),
         "versions": system.versions(),
         "git": system.git_commit(),
-        "corpus": {"documents": n_docs, "tokens": total, "dim": DIM, "lengths": LENGTHS, "centroids": CENTROIDS,
+        "corpus": {"documents": n_docs, "tokens": total, "dim": DIM, "lengths": list(lengths_range), "centroids": CENTROIDS,
                    "noise": NOISE, "queries": n_queries, "query_tokens": QUERY_TOKENS, "k": K},
         "ceilings": ceil,
         "results": rows,
-        "bars": evaluate_bars(rows, full_size=device.type == "cuda" and n_docs >= FULL_DOCS),
+        "bars": evaluate_bars(
+            rows, full_size=device.type == "cuda" and n_docs >= FULL_DOCS and tuple(lengths_range) == LENGTHS
+        ),
     }  # fmt: skip
 
 
@@ -189,6 +201,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--docs", type=int, help=f"documents (default {FULL_DOCS} on CUDA, 2000 elsewhere)")
     parser.add_argument("--queries", type=int, default=32)
+    parser.add_argument(
+        "--lengths", default=f"{LENGTHS[0]},{LENGTHS[1]}",
+        help="document lengths LO,HI (uniform, inclusive; default the bars' 128,300; e.g. 64,300 for the 1M run)",
+    )  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3, help="CPU timed calls per provider")
     parser.add_argument(
@@ -198,7 +214,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     docs = args.docs or (FULL_DOCS if device.type == "cuda" else 2000)
-    result = run(docs, args.queries, device, repeats=args.repeats, quick=args.quick)
+    try:
+        lo, hi = (int(x) for x in args.lengths.split(","))
+    except ValueError:
+        parser.error(f"--lengths must be LO,HI, got {args.lengths!r}")
+    if not 1 <= lo <= hi:
+        parser.error(f"--lengths must satisfy 1 <= LO <= HI, got {lo},{hi}")
+    result = run(docs, args.queries, device, repeats=args.repeats, quick=args.quick, lengths_range=(lo, hi))
     print(f"search: {docs} documents, {result['corpus']['tokens']} tokens, D={DIM}, top-{K}, {device}")
     print(f"{'provider':22s} {'queries':>7s} {'ms':>10s} {'queries/s':>10s} {'recall@10':>9s} "
           f"{'B/token':>8s} {'x FLOP floor':>12s} {'x bytes floor':>13s}")  # fmt: skip
