@@ -4,8 +4,11 @@ scores, ties included), balance, save/load, and failures that raise on every ran
 from __future__ import annotations
 
 import datetime
+import json
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -187,3 +190,22 @@ def test_failures_raise_on_every_rank(tmp_path):
 def test_needs_a_process_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         ShardedIndex(DIM)
+
+
+def test_bench_smoke_under_torchrun(tmp_path):
+    """The distributed search workload as documented: torchrun, 2 gloo ranks on the CPU, --quick."""
+    out = tmp_path / "dist.json"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "maxsim.bench.distributed", "--quick", "--timeout", "30", "--json", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env=os.environ | {"OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(out.read_text())
+    assert results["schema"] == "maxsim-bench-dist/1" and results["world_size"] == 2
+    assert results["backend"] == "gloo" and results["check"]["status"] == "ok"
+    assert results["check"]["ids_match"] == 1.0 and results["sharded"]["ms"]["n"] == 3
+    assert sum(docs for docs, _ in results["shards"]) == 64 and results["sharded"]["queries_per_s"] > 0
+    assert "queries/s" in done.stdout
