@@ -7,8 +7,7 @@ import datetime
 import json
 import multiprocessing
 import os
-import subprocess
-import sys
+import socket
 import time
 
 import pytest
@@ -18,11 +17,16 @@ import torch.multiprocessing as mp
 from helpers import integer_tokens
 
 import maxsim
+import maxsim.bench.distributed as bench_distributed
 from maxsim.distributed import ShardedIndex
 
 DIM = 8
 TIMEOUT = datetime.timedelta(seconds=15)  # every collective of a test is bounded by this
 DEADLINE_S = 90  # the parent kills the ranks after this: a hang fails the test instead of blocking it
+# Ranks fork from a server process that imported these once: starting them takes well under a second.
+multiprocessing.set_forkserver_preload(
+    ["torch", "torch.distributed", "maxsim.distributed", "maxsim.bench.distributed"]
+)
 
 
 def _worker(rank: int, world: int, store: str, scenario, args) -> None:
@@ -37,16 +41,16 @@ def _worker(rank: int, world: int, store: str, scenario, args) -> None:
 
 
 def spawn(tmp_path, world: int, scenario, *args) -> None:
-    """Run ``scenario(rank, world, *args)`` on ``world`` gloo ranks; a rank's exception fails the test.
-
-    The ranks are forked from a fresh server process that imported torch once (``forkserver``): each test
-    then starts its ranks in well under a second instead of importing torch in every one.
-    """
-    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "maxsim.distributed", "pytest"])
+    """Run ``scenario(rank, world, *args)`` on ``world`` gloo ranks; a rank's exception fails the test."""
     context = mp.start_processes(
         _worker, args=(world, str(tmp_path / "store"), scenario, args), nprocs=world, join=False,
         start_method="forkserver",
     )  # fmt: skip
+    _join(context, world)
+
+
+def _join(context, world: int) -> None:
+    """Wait for the ranks; a rank's exception fails the test, and so does a hang (after ``DEADLINE_S``)."""
     deadline = time.monotonic() + DEADLINE_S
     while not context.join(timeout=0.1):
         if time.monotonic() > deadline:
@@ -192,20 +196,33 @@ def test_needs_a_process_group():
         ShardedIndex(DIM)
 
 
-def test_bench_smoke_under_torchrun(tmp_path):
-    """The distributed search workload as documented: torchrun, 2 gloo ranks on the CPU, --quick."""
-    out = tmp_path / "dist.json"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "maxsim.bench.distributed", "--quick", "--timeout", "30", "--json", str(out),
-    ]  # fmt: skip
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=120, env=os.environ | {"OMP_NUM_THREADS": "1"}
+def _bench(rank: int, world: int, port: int, argv: list[str]) -> None:
+    """``maxsim.bench.distributed.main`` in the environment torchrun gives each rank."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
-    assert done.returncode == 0, done.stdout + done.stderr
+    torch.set_num_threads(1)
+    assert bench_distributed.main(argv) == 0
+
+
+def test_bench_smoke_run(tmp_path):
+    """The distributed search workload's --quick run on 2 gloo ranks, started as torchrun starts them."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "dist.json"
+    context = mp.start_processes(
+        _bench, args=(2, port, ["--quick", "--timeout", "30", "--json", str(out)]), nprocs=2, join=False,
+        start_method="forkserver",
+    )  # fmt: skip
+    _join(context, 2)
     results = json.loads(out.read_text())
     assert results["schema"] == "maxsim-bench-dist/1" and results["world_size"] == 2
     assert results["backend"] == "gloo" and results["check"]["status"] == "ok"
     assert results["check"]["ids_match"] == 1.0 and results["sharded"]["ms"]["n"] == 3
     assert sum(docs for docs, _ in results["shards"]) == 64 and results["sharded"]["queries_per_s"] > 0
-    assert "queries/s" in done.stdout
+    assert "queries/s" in bench_distributed.summary(results)
