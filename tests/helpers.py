@@ -8,6 +8,10 @@ dtype. NaN must match NaN and infinities must match exactly.
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+
 import torch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -78,3 +82,15 @@ def assert_grads_close(ours: torch.Tensor, ref: torch.Tensor, *, dtype: torch.dt
     error = (ours.double() - ref.double()).abs()
     bound = GRAD_TOLERANCE[dtype] * ref.double().abs().clamp(min=1.0)
     assert bool((error <= bound).all()), f"max gradient error {error.max().item():.3g}"
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def import_example(name: str):
+    """The module ``examples/<name>.py`` (examples are scripts, not a package)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(EXAMPLES))

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import import_example
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SHORT = ["--steps", "100", "--batch-size", "32", "--eval-docs", "128", "--log-every", "50", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def example():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import contrastive_training
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return contrastive_training
+    return import_example("contrastive_training")
 
 
 def test_short_cpu_run_learns(example, capsys):

