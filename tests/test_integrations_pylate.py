@@ -427,7 +427,9 @@ def test_patch_reaches_pylate_losses(originals):
     """Where PyLate's losses import (they need a sentence-transformers that fits the PyLate installed), the
     distillation loss's default ``score_metric`` is the replacement."""
     losses = pytest.importorskip(
-        "pylate.losses", reason="pylate.losses does not import beside these packages", exc_type=ImportError
+        "pylate.losses",
+        reason="pylate.losses does not import (PyLate 1.0 imports names this sentence-transformers moved)",
+        exc_type=ImportError,
     )
     mp.patch()
     default = inspect.signature(losses.Distillation).parameters["score_metric"].default
