@@ -18,9 +18,15 @@
 # Wheels found in .whl/ are installed into /tmp/site, which goes on PYTHONPATH after src/ (the package
 # runs from the working tree, not installed). Without .whl/ the peers are reported as not installed.
 #
+# After `maxsim bench` it runs the search workloads (`maxsim bench-search`, $OUT/search-<device>.json) and a
+# one-GPU NCCL run of the sharded search (`torchrun ... -m maxsim.bench.distributed`, $OUT/dist-<device>.json).
+#
 # Environment knobs:
 #     BENCH_ARGS   extra arguments for `maxsim bench`, e.g. "--dtype float16,bfloat16 --method cold,graph"
-#     SKIP_TESTS=1 run only the benchmark
+#     SEARCH_ARGS  extra arguments for `maxsim bench-search` (default: the full 100k-document corpus)
+#     DIST_ARGS    arguments for the sharded-search run (default "--docs 20000")
+#     SKIP_BENCH=1 / SKIP_SEARCH=1 / SKIP_DIST=1   leave that step out
+#     SKIP_TESTS=1 run only the benchmarks
 #     PYTEST_ARGS  extra arguments for pytest (default: none)
 # MAXSIM_BACKEND is unset for both steps so every call gets the device's default backend.
 set -uo pipefail
@@ -61,15 +67,30 @@ bench_rc=0
         echo "== pytest exit status $tests_rc"
     fi
 
-    echo "== maxsim bench"
-    plot=()
-    if "$PY" -c 'import matplotlib' 2>/dev/null; then
-        plot=(--plot "$OUT/bench-$DEVICE.png")
+    if [ "${SKIP_BENCH:-0}" != "1" ]; then
+        echo "== maxsim bench"
+        plot=()
+        if "$PY" -c 'import matplotlib' 2>/dev/null; then
+            plot=(--plot "$OUT/bench-$DEVICE.png")
+        fi
+        # shellcheck disable=SC2086
+        "$PY" -m maxsim.cli bench --json "$JSON" "${plot[@]}" ${BENCH_ARGS:-}
+        bench_rc=$?
+        echo "== bench exit status $bench_rc"
     fi
-    # shellcheck disable=SC2086
-    "$PY" -m maxsim.cli bench --json "$JSON" "${plot[@]}" ${BENCH_ARGS:-}
-    bench_rc=$?
-    echo "== bench exit status $bench_rc"
+
+    if [ "${SKIP_SEARCH:-0}" != "1" ]; then
+        echo "== maxsim bench-search"
+        # shellcheck disable=SC2086
+        "$PY" -m maxsim.cli bench-search --json "$OUT/search-$DEVICE.json" ${SEARCH_ARGS:-} || bench_rc=1
+    fi
+
+    if [ "${SKIP_DIST:-0}" != "1" ]; then
+        echo "== sharded search, one GPU, NCCL (torchrun)"
+        # shellcheck disable=SC2086
+        "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m maxsim.bench.distributed \
+            --json "$OUT/dist-$DEVICE.json" ${DIST_ARGS:---docs 20000} || bench_rc=1
+    fi
     echo "$tests_rc $bench_rc" >"$OUT/.status"
 } 2>&1 | tee "$LOG"
 
