@@ -16,6 +16,7 @@ file raises ``ValueError`` on load, never a wrong result.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from pathlib import Path
 
 import torch
@@ -224,9 +225,7 @@ class Index:
         wide = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float16
         queries = q.to(wide)
         single = queries.dim() == 2
-        starts = [0]
-        for length in self._lengths:
-            starts.append(starts[-1] + length)
+        starts = list(itertools.accumulate(self._lengths, initial=0))
         bounds, first = [0], 0
         for i in range(1, n + 1):
             if (

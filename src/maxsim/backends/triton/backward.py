@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..torch_backend import NORMALIZE_EPS, normalize_backward
-from .forward import INTERPRETED, cdiv, launch_device
+from .forward import INTERPRETED, _pow2_at_least, cdiv, launch_device
 from .launch import Launcher
 
 DQ_BLOCKS = (4, 16, 128)  # BLOCK_N documents, BLOCK_I query tokens, BLOCK_D columns (at most)
@@ -116,10 +116,6 @@ _DQ = Launcher(_dq_kernel, INTERPRETED.value)
 _DD = Launcher(_dd_kernel, INTERPRETED.value)
 
 
-def _pow2(n: int, low: int = 16) -> int:
-    return max(low, 1 << (max(int(n), 1) - 1).bit_length())
-
-
 def _inverse_norms(x: torch.Tensor) -> torch.Tensor:
     """float32 ``1 / max(|x_row|, eps)`` over the last dim, contiguous."""
     norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
@@ -165,7 +161,7 @@ def maxsim_bwd(
         if need_dq:
             dq = torch.empty(P, Qn, Lq, D, dtype=out_dtype, device=q.device)
             block_n, block_i, block_d = DQ_BLOCKS
-            block_i, block_d = min(block_i, _pow2(Lq)), min(block_d, _pow2(D))
+            block_i, block_d = min(block_i, _pow2_at_least(Lq)), min(block_d, _pow2_at_least(D))
             n_ib = cdiv(Lq, block_i)
             d_inv = _inverse_norms(d) if normalize else grad_scores
             if dq.numel():
@@ -183,9 +179,9 @@ def maxsim_bwd(
             dd = torch.empty(P, Dn, Ld, D, dtype=out_dtype, device=q.device)
             block_j, block_i, block_d = DD_BLOCKS
             block_j, block_i, block_d = (
-                min(block_j, _pow2(Ld)),
-                min(block_i, _pow2(Lq)),
-                min(block_d, _pow2(D)),
+                min(block_j, _pow2_at_least(Ld)),
+                min(block_i, _pow2_at_least(Lq)),
+                min(block_d, _pow2_at_least(D)),
             )
             n_jb = cdiv(Ld, block_j)
             q_inv = _inverse_norms(q) if normalize else grad_scores
