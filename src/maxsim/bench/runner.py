@@ -326,15 +326,13 @@ def ceilings(device: torch.device, quick: bool = False) -> dict:
         n = 1 << 30  # 2 GiB of float16
         x = torch.empty(n, dtype=torch.float16, device=device).normal_()
         y = torch.empty_like(x)
-        ms = do_bench(lambda: y.copy_(x), quantiles=[0.5])
-        ms = ms[0] if isinstance(ms, (list, tuple)) else ms
+        ms = do_bench(lambda: y.copy_(x), return_mode="median")
         copy = {"bytes": 2 * n, "dtype": "float16", "ms": ms, "gbps": 2 * (2 * n) / (ms * 1e-3) / 1e9}
         x = y = None  # free before the matmul
         m = 8192
         a = torch.randn(m, m, dtype=torch.bfloat16, device=device)
         b = torch.randn(m, m, dtype=torch.bfloat16, device=device)
-        ms = do_bench(lambda: a @ b, quantiles=[0.5])
-        ms = ms[0] if isinstance(ms, (list, tuple)) else ms
+        ms = do_bench(lambda: a @ b, return_mode="median")
         mm = {"n": m, "dtype": "bfloat16", "ms": ms, "tflops": 2 * m**3 / (ms * 1e-3) / 1e12}
         a = b = None
         torch.cuda.empty_cache()

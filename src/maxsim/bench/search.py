@@ -100,7 +100,7 @@ def _time(fn, device: torch.device, repeats: int) -> float:
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return float(do_bench(fn, quantiles=[0.5])[0])
+        return float(do_bench(fn, return_mode="median"))
     fn()
     samples = []
     for _ in range(repeats):

@@ -1,8 +1,9 @@
 """Triton backend: the GPU kernels (NVIDIA; ROCm untested), with the torch backend's signature.
 
 Files: ``forward.py`` (the strided padded family), ``varlen.py`` (packed sequences), ``configs.py`` (launch
-configurations by architecture and shape class), ``ops.py`` (``torch.library`` custom ops, fake kernels,
-autograd). The backward (issue 5) is the torch backend's, run from the saved int32 argmax.
+configurations by architecture and shape class), ``backward.py`` (the padded backward kernels), ``ops.py``
+(``torch.library`` custom ops, fake kernels, autograd). Packed (varlen) inputs take the torch backend's
+backward, run from the saved int32 argmax.
 
 Without a GPU the kernels run in the Triton interpreter: importing this package on a machine where torch
 sees no CUDA device sets ``TRITON_INTERPRET=1`` (unless it is set already) before the kernels are defined.
@@ -23,7 +24,7 @@ if not torch.cuda.is_available():
 import triton.language  # noqa: E402
 
 from .. import torch_backend  # noqa: E402
-from . import ops  # noqa: E402, F401  (registers maxsim::fwd_padded, maxsim::fwd_varlen and their backward)
+from . import ops  # noqa: E402  (registers maxsim::fwd_padded, maxsim::fwd_varlen and their backward)
 from .forward import maxsim_fwd  # noqa: E402
 from .varlen import maxsim_varlen_fwd  # noqa: E402
 
@@ -44,8 +45,9 @@ def _needs_grad(q: torch.Tensor, d: torch.Tensor) -> bool:
 def maxsim_padded(q, d, q_mask, d_mask, *, normalize: bool, return_argmax: bool):
     """Backend entry point for padded groups (see ``torch_backend.forward_padded`` for shapes).
 
-    Under ``torch.compile`` or autograd the call goes through the custom op ``maxsim::fwd_padded``; eager
-    inference calls the launcher directly (the same kernels, without the op's dispatch cost).
+    Under ``torch.compile`` the call goes through the custom op ``maxsim::fwd_padded``; eager training through
+    ``ops.PaddedFunction`` (the op's forward and autograd without its dispatch cost); eager inference calls
+    the launcher directly.
 
     Args:
         q: ``[P, Qn, Lq, D]``; d: ``[P, Dn, Ld, D]`` (any strides); q_mask / d_mask: bool or None.
@@ -60,7 +62,8 @@ def maxsim_padded(q, d, q_mask, d_mask, *, normalize: bool, return_argmax: bool)
     grad = _needs_grad(q, d)
     if not grad and not torch.compiler.is_compiling():  # eager inference: the launcher, no op dispatch
         return maxsim_fwd(q, d, q_mask, d_mask, normalize=normalize, return_argmax=return_argmax)
-    scores, argmax = torch.ops.maxsim.fwd_padded(q, d, q_mask, d_mask, normalize, return_argmax or grad)
+    fwd = torch.ops.maxsim.fwd_padded if torch.compiler.is_compiling() else ops.PaddedFunction.apply
+    scores, argmax = fwd(q, d, q_mask, d_mask, normalize, return_argmax or grad)
     return scores, (argmax if return_argmax else None)
 
 
@@ -79,7 +82,6 @@ def maxsim_varlen(
             q, cu_q, d, cu_d, q_ids, d_ids,
             max_lq=max_lq, max_ld=max_ld, normalize=normalize, return_argmax=return_argmax,
         )  # fmt: skip
-    scores, argmax = torch.ops.maxsim.fwd_varlen(
-        q, cu_q, d, cu_d, q_ids, d_ids, max_lq, max_ld, normalize, return_argmax or grad
-    )
+    fwd = torch.ops.maxsim.fwd_varlen if torch.compiler.is_compiling() else ops.VarlenFunction.apply
+    scores, argmax = fwd(q, cu_q, d, cu_d, q_ids, d_ids, max_lq, max_ld, normalize, return_argmax or grad)
     return scores, (argmax if return_argmax else None)

@@ -1,0 +1,88 @@
+"""Where a training step's time goes on a CUDA GPU: the bench's training workloads, stage by stage.
+
+For each workload (bfloat16) it prints do_bench medians (L2 flushed) of the forward alone, the forward with
+argmax, forward + backward of ``scores.sum()`` (the bench's training method), the backward kernels alone
+from a saved argmax, the host time of one step (wall clock of issuing it, the GPU kept busy), and the
+profiler's table of GPU kernels for a few steps.
+
+    PYTHONPATH=src python scripts/profile_train.py [--workloads InBatchTrain,ColPaliTrain]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import torch
+from triton.testing import do_bench
+
+import maxsim
+from maxsim.backends.triton.backward import maxsim_bwd
+
+
+def _step(q, d):
+    q.grad = d.grad = None
+    maxsim.maxsim(q[:, None], d[None], validate=False).sum().backward()
+
+
+def _host_us(fn, calls: int = 50) -> float:
+    """Wall time of issuing ``calls`` calls behind a long GPU sleep (the GPU never waits for the host)."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time: the calls below only queue
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = (time.perf_counter() - start) / calls * 1e6
+    torch.cuda.synchronize()
+    return elapsed
+
+
+def profile(name: str, nq: int, nd: int, lq: int, ld: int, dim: int = 128, cprofile: bool = False) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(nq, lq, dim, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+    d = torch.randn(nd, ld, dim, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+    with torch.no_grad():
+        _, argmax = maxsim.maxsim(q[:, None], d[None], return_argmax=True)
+    g = torch.ones(1, nq, nd, device="cuda")
+    qp, dp, am = q.detach()[None], d.detach()[None], argmax[None]
+    rows = {
+        "forward": lambda: maxsim.maxsim(q.detach()[:, None], d.detach()[None], validate=False),
+        "forward+argmax": lambda: maxsim.maxsim(
+            q.detach()[:, None], d.detach()[None], validate=False, return_argmax=True
+        ),
+        "train step": lambda: _step(q, d),
+        "backward dq": lambda: maxsim_bwd(qp, dp, am, g, normalize=False, need_dq=True, need_dd=False),
+        "backward dd": lambda: maxsim_bwd(qp, dp, am, g, normalize=False, need_dq=False, need_dd=True),
+        "stable sort of the argmax": lambda: torch.sort(argmax.flatten(), stable=True),
+    }
+    print(f"== {name}: Nq={nq} Nd={nd} Lq={lq} Ld={ld} D={dim} bfloat16")
+    for label, fn in rows.items():
+        print(f"  {label:<16} {do_bench(fn) * 1e3:9.1f} us  (host {_host_us(fn):7.1f} us/call)")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            _step(q, d)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+    if cprofile:
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)
+        stats = cProfile.Profile()
+        stats.runcall(lambda: [_step(q, d) for _ in range(20)])
+        torch.cuda.synchronize()
+        pstats.Stats(stats).sort_stats("tottime").print_stats(25)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", default="InBatchTrain,ColPaliTrain")
+    parser.add_argument("--cprofile", action="store_true", help="also print a cProfile of 20 steps (host)")
+    shapes = {"InBatchTrain": (128, 128, 32, 256), "ColPaliTrain": (32, 32, 1024, 1024)}
+    args = parser.parse_args()
+    for name in args.workloads.split(","):
+        profile(name, *shapes[name], cprofile=args.cprofile)
+
+
+if __name__ == "__main__":
+    main()
