@@ -328,7 +328,8 @@ def _triton_grads(q, d, weights, **kwargs):
     return qd.grad.cpu(), dd.grad.cpu()
 
 
-SMALL_BWD = [None, ((2, 16, 16), (16, 16, 16))]  # the defaults, then blocks that split every axis
+# the defaults, then blocks that split every axis: (DQ_BLOCKS, DD_BLOCKS, MAX_CHUNK of the counting sort)
+SMALL_BWD = [None, ((2, 16, 16), (16, 2, 16), 16)]
 
 
 @pytest.mark.parametrize("blocks", SMALL_BWD, ids=["default-blocks", "small-blocks"])
@@ -340,6 +341,7 @@ def test_backward_kernels(layout, dtype, normalize, blocks, monkeypatch):
     if blocks is not None:
         monkeypatch.setattr(backward, "DQ_BLOCKS", blocks[0])
         monkeypatch.setattr(backward, "DD_BLOCKS", blocks[1])
+        monkeypatch.setattr(backward, "MAX_CHUNK", blocks[2])
     _, qb, db, lq, ld, dim = layout
     g = torch.Generator().manual_seed(37)
     q = random_tokens((*qb, lq, dim), dtype, generator=g)
@@ -366,6 +368,27 @@ def test_backward_ties_route_to_the_first_winner_and_is_deterministic():
     again = _triton_grads(q, d, weights)
     assert torch.equal(first[0].double(), ref_dq) and torch.equal(first[1].double(), ref_dd)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+@pytest.mark.parametrize("max_chunk", [16, 1024])
+def test_entries_by_token_is_a_stable_inversion(max_chunk, monkeypatch):
+    """The counting sort of the ``dd`` kernel lists, per document token, exactly the query tokens that won
+    it, in ascending ``qi * Lq + i`` order (several chunks per document, masked entries, hot tokens)."""
+    monkeypatch.setattr(backward, "MAX_CHUNK", max_chunk)
+    g = torch.Generator().manual_seed(43)
+    P, Qn, Dn, Lq, Ld = 2, 5, 3, 13, 7
+    argmax = torch.randint(-1, Ld, (P, Qn, Dn, Lq), generator=g, dtype=torch.int32)
+    argmax[0, :, 1, :4] = 2  # a token won by many query tokens across chunks
+    order, starts = backward._entries_by_token(argmax.to(DEVICE), Qn, Dn, Lq, Ld)
+    order, starts = order.cpu().long(), starts.cpu().long()
+    for p in range(P):
+        for n in range(Dn):
+            won = argmax[p, :, n, :].reshape(-1)  # by u = qi * Lq + i
+            for j in range(Ld):
+                r = (p * Dn + n) * Ld + j
+                want = torch.nonzero(won == j).flatten()
+                assert torch.equal(order[starts[r] : starts[r + 1]], want), (p, n, j)
+    assert starts[-1] == int((argmax >= 0).sum())
 
 
 def test_varlen_gradients():

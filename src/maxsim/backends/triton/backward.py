@@ -5,9 +5,10 @@ With ``w = grad_scores[p, qi, n]`` and ``a = argmax[p, qi, n, i]`` (-1: the toke
 - ``dq[p, qi, i] = Σ_n w · d[p, n, a]``: a gather. A program owns ``BLOCK_I`` query tokens and ``BLOCK_D``
   columns and walks the documents ``BLOCK_N`` at a time, in order.
 - ``dd[p, n, j] = Σ_qi w · Σ_{i: a = j} q[p, qi, i]``: a scatter, written as a gather so that no two
-  programs touch one row: a program owns ``BLOCK_J`` document tokens and, for every query in order, adds
-  ``onehot(a == j) @ q`` (a ``tl.dot`` of the 0/1 matrix with the query tile, exact in float32
-  accumulation); a query tile that no token of the block won is skipped.
+  programs touch one row. The argmax is first inverted by a deterministic counting sort
+  (``_entries_by_token``: for every document token, the query tokens that won it, in order); then a
+  program owns ``BLOCK_R`` document tokens and sums their entries' weighted query rows, ``BLOCK_T`` at a
+  time. The work is proportional to the entries (``P·Qn·Dn·Lq`` rows of ``D``), not to ``Lq·Ld``.
 
 Each output element is summed in one fixed order by one program: the gradients are bitwise deterministic
 (no atomics). With ``normalize`` the kernels return the gradient with respect to the normalized tokens in
@@ -25,8 +26,9 @@ from ..torch_backend import NORMALIZE_EPS, normalize_backward
 from .forward import INTERPRETED, _pow2_at_least, cdiv, launch_device
 from .launch import Launcher
 
-DQ_BLOCKS = (4, 16, 128)  # BLOCK_N documents, BLOCK_I query tokens, BLOCK_D columns (at most)
-DD_BLOCKS = (64, 32, 128)  # BLOCK_J document tokens, BLOCK_I query tokens, BLOCK_D columns (at most)
+DQ_BLOCKS = (8, 16, 64)  # BLOCK_N documents, BLOCK_I query tokens, BLOCK_D columns (at most)
+DD_BLOCKS = (16, 4, 128)  # BLOCK_R document tokens, BLOCK_T entries per step, BLOCK_D columns (at most)
+MAX_CHUNK = 1024  # entries per chunk of the counting sort (sorted in registers)
 
 
 @triton.jit
@@ -69,51 +71,102 @@ def _dq_kernel(
 
 
 @triton.jit
-def _dd_kernel(
-    q_ptr, am_ptr, g_ptr, qinv_ptr, dd_ptr,
-    Qn, Dn, Lq, Ld, D, sq_p, sq_n, sq_l, sq_k, n_jb,
-    BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr,
-    PREC: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    jb = pid % n_jb
-    pn = (pid // n_jb).to(tl.int64)  # p * Dn + n
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _sorted_chunk(am_ptr, pn, c, Qn, Dn, Lq, Ld, BLOCK_U: tl.constexpr, SHIFT: tl.constexpr):
+    """Chunk ``c`` (``BLOCK_U`` consecutive ``u = qi * Lq + i``) of the entries of document ``pn = p * Dn + n``,
+    sorted by (token won, ``u``). Returns per sorted entry: the token won (``Ld`` for none), ``u``, its rank
+    among the chunk's entries that won the same token, whether it is the last of them, and whether it won."""
     p = pn // Dn
     n = pn % Dn
-    offs_j = jb * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs = tl.arange(0, BLOCK_U)
+    u = c * BLOCK_U + offs
+    u_in = u < Qn * Lq
+    qi = u // Lq
+    won = tl.load(am_ptr + ((p * Qn + qi) * Dn + n) * Lq + (u - qi * Lq), mask=u_in, other=-1)
+    key = tl.sort(tl.where(won >= 0, won, Ld) * BLOCK_U + offs)  # unique keys: the sort is stable
+    won = key >> SHIFT
+    prev = tl.gather(won, tl.maximum(offs - 1, 0), 0)
+    nxt = tl.gather(won, tl.minimum(offs + 1, BLOCK_U - 1), 0)
+    first = tl.associative_scan(tl.where((offs == 0) | (won != prev), offs, 0), 0, _max_combine)
+    last = (offs == BLOCK_U - 1) | (won != nxt)
+    return won, c * BLOCK_U + (key & (BLOCK_U - 1)), offs - first, last, won < Ld
+
+
+@triton.jit
+def _dd_count_kernel(
+    am_ptr, counts_ptr, Qn, Dn, Lq, Ld, n_chunks, BLOCK_U: tl.constexpr, SHIFT: tl.constexpr
+):  # fmt: skip
+    """``counts[pn, c, j]``: how many entries of chunk ``c`` of document ``pn`` won its token ``j``."""
+    pn = (tl.program_id(0) // n_chunks).to(tl.int64)
+    c = tl.program_id(0) % n_chunks
+    won, u, rank, last, real = _sorted_chunk(am_ptr, pn, c, Qn, Dn, Lq, Ld, BLOCK_U, SHIFT)
+    out = counts_ptr + (pn * n_chunks + c) * Ld + won
+    tl.store(out, (rank + 1).to(counts_ptr.dtype.element_ty), mask=last & real)
+
+
+@triton.jit
+def _dd_place_kernel(
+    am_ptr, counts_ptr, starts_ptr, order_ptr, Qn, Dn, Lq, Ld, n_chunks,
+    BLOCK_U: tl.constexpr, SHIFT: tl.constexpr,
+):  # fmt: skip
+    """``order[starts[pn * Ld + j] + k]``: the ``u`` of the ``k``-th entry (in ``u`` order) that won token ``j``
+    of document ``pn``, from the chunk counts (earlier chunks first, then the rank inside the chunk)."""
+    pn = (tl.program_id(0) // n_chunks).to(tl.int64)
+    c = tl.program_id(0) % n_chunks
+    won, u, rank, last, real = _sorted_chunk(am_ptr, pn, c, Qn, Dn, Lq, Ld, BLOCK_U, SHIFT)
+    pos = tl.load(starts_ptr + pn * Ld + won, mask=real, other=0).to(tl.int64) + rank
+    for c2 in range(0, c):
+        pos += tl.load(counts_ptr + (pn * n_chunks + c2) * Ld + won, mask=real, other=0).to(tl.int64)
+    tl.store(order_ptr + pos, u, mask=real)
+
+
+@triton.jit
+def _dd_gather_kernel(
+    q_ptr, order_ptr, starts_ptr, g_ptr, qinv_ptr, dd_ptr,
+    Qn, Dn, Lq, Ld, D, R, sq_p, sq_n, sq_l, sq_k,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr,
+):  # fmt: skip
+    """``dd[r] = Σ_k w · q[u_k]`` over the entries of row ``r = pn * Ld + j`` in ``order``, ``BLOCK_T`` at a time,
+    in order (``w = grad_scores[p, qi, n]``, times the query token's inverse norm with NORMALIZE)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_in = rows < R
+    rows = rows.to(tl.int64)
     offs_k = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     k_in = offs_k < D
-    acc = tl.zeros([BLOCK_J, BLOCK_D], tl.float32)
-    for qi in range(Qn):
-        pq = p * Qn + qi  # int64, as p
-        row = pq * Dn + n
-        q_base = q_ptr + p * sq_p + (pq - p * Qn) * sq_n
-        w = tl.load(g_ptr + row)
-        for i0 in range(0, Lq, BLOCK_I):
-            offs_i = i0 + tl.arange(0, BLOCK_I)
-            i_in = offs_i < Lq
-            won = tl.load(am_ptr + row * Lq + offs_i, mask=i_in, other=-1)
-            hit = won[None, :] == offs_j[:, None]  # [BLOCK_J, BLOCK_I]
-            if tl.max(hit.to(tl.int32)) > 0:
-                q_tile = tl.load(
-                    q_base + (offs_i.to(tl.int64) * sq_l)[:, None]
-                    + (offs_k * sq_k)[None, :],
-                    mask=i_in[:, None] & k_in[None, :],
-                    other=0.0,
-                )  # fmt: skip
-                if NORMALIZE:
-                    inv = tl.load(qinv_ptr + pq * Lq + offs_i, mask=i_in, other=0.0)
-                    onehot = tl.where(hit, inv[None, :], 0.0)
-                    part = tl.dot(onehot, q_tile.to(tl.float32), input_precision=PREC)
-                else:
-                    part = tl.dot(hit.to(q_tile.dtype), q_tile, input_precision=PREC)
-                acc += w * part
-    out = dd_ptr + (pn * Ld + offs_j)[:, None] * D + offs_k[None, :]
-    tl.store(out, acc.to(dd_ptr.dtype.element_ty), mask=(offs_j < Ld)[:, None] & k_in[None, :])
+    start = tl.load(starts_ptr + rows, mask=r_in, other=0).to(tl.int64)
+    count = tl.load(starts_ptr + rows + 1, mask=r_in, other=0).to(tl.int64) - start
+    pn = rows // Ld
+    p = pn // Dn
+    n = pn - p * Dn
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for t0 in range(0, tl.max(count, 0), BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        has = t[None, :] < count[:, None]  # [BLOCK_R, BLOCK_T]
+        u = tl.load(order_ptr + start[:, None] + t[None, :], mask=has, other=0).to(tl.int64)
+        qi = u // Lq
+        i = u - qi * Lq
+        pq = p[:, None] * Qn + qi
+        w = tl.load(g_ptr + pq * Dn + n[:, None], mask=has, other=0.0)
+        if NORMALIZE:
+            w *= tl.load(qinv_ptr + pq * Lq + i, mask=has, other=0.0)
+        tok = tl.load(
+            q_ptr + (p[:, None] * sq_p + qi * sq_n + i * sq_l)[:, :, None] + (offs_k * sq_k)[None, None, :],
+            mask=has[:, :, None] & k_in[None, None, :],
+            other=0.0,
+        )
+        acc += tl.sum(w[:, :, None] * tok.to(tl.float32), 1)
+    out = dd_ptr + rows[:, None] * D + offs_k[None, :]
+    tl.store(out, acc.to(dd_ptr.dtype.element_ty), mask=r_in[:, None] & k_in[None, :])
 
 
 _DQ = Launcher(_dq_kernel, INTERPRETED.value)
-_DD = Launcher(_dd_kernel, INTERPRETED.value)
+_DD_COUNT = Launcher(_dd_count_kernel, INTERPRETED.value)
+_DD_PLACE = Launcher(_dd_place_kernel, INTERPRETED.value)
+_DD_GATHER = Launcher(_dd_gather_kernel, INTERPRETED.value)
 
 
 def _inverse_norms(x: torch.Tensor) -> torch.Tensor:
@@ -122,12 +175,35 @@ def _inverse_norms(x: torch.Tensor) -> torch.Tensor:
     return norms.clamp_min_(NORMALIZE_EPS).reciprocal_().contiguous()
 
 
-def _dot_precision(dtype: torch.dtype, normalize: bool) -> str:
-    """The one-hot products are exact for 16-bit inputs; float32 ones (and normalized float32 weights)
-    need IEEE (or three-pass TF32 for 16-bit inputs, exact well beyond their output precision)."""
-    if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return "tf32x3" if normalize else "tf32"  # tf32 is ignored for 16-bit operands
+def _entries_by_token(argmax: torch.Tensor, Qn: int, Dn: int, Lq: int, Ld: int):
+    """The argmax inverted, per document token: ``(order, starts)`` such that the query tokens that won token
+    ``j`` of document ``pn = p * Dn + n`` are ``u = qi * Lq + i`` for ``u`` in
+    ``order[starts[pn * Ld + j] : starts[pn * Ld + j + 1]]``, ascending.
+
+    A deterministic counting sort in two kernels over chunks of ``BLOCK_U`` entries per document (each sorted
+    in registers): per-chunk counts, then each entry's place. Memory: ``order`` (one int32 per entry), the
+    int16 counts ``[P * Dn, chunks, Ld]`` and ``starts``.
+    """
+    P = argmax.shape[0]
+    docs, per_doc = P * Dn, Qn * Lq
+    block_u = min(MAX_CHUNK, _pow2_at_least(per_doc))
+    if (Ld + 1) * block_u >= 2**31:
+        raise ValueError(f"d: documents of {Ld} tokens are too long for the Triton backward")
+    n_chunks = cdiv(per_doc, block_u)
+    device = argmax.device
+    index_dtype = torch.int32 if argmax.numel() < 2**31 else torch.int64
+    starts = torch.zeros(docs * Ld + 1, dtype=index_dtype, device=device)
+    order = torch.empty(argmax.numel(), dtype=torch.int32, device=device)
+    if n_chunks == 0:  # no query tokens: no entries
+        return order, starts
+    counts = torch.zeros(docs, n_chunks, Ld, dtype=torch.int16, device=device)
+    consts = dict(BLOCK_U=block_u, SHIFT=block_u.bit_length() - 1)
+    _DD_COUNT(docs * n_chunks, (argmax, counts), (Qn, Dn, Lq, Ld, n_chunks), consts, 4, 2)
+    torch.cumsum(counts.sum(1, dtype=index_dtype).view(-1), 0, dtype=index_dtype, out=starts[1:])
+    _DD_PLACE(
+        docs * n_chunks, (argmax, counts, starts, order), (Qn, Dn, Lq, Ld, n_chunks), consts, 4, 2
+    )
+    return order, starts
 
 
 def maxsim_bwd(
@@ -177,26 +253,20 @@ def maxsim_bwd(
                 dq = normalize_backward(q, dq).to(q.dtype)
         if need_dd:
             dd = torch.empty(P, Dn, Ld, D, dtype=out_dtype, device=q.device)
-            block_j, block_i, block_d = DD_BLOCKS
-            block_j, block_i, block_d = (
-                min(block_j, _pow2_at_least(Ld)),
-                min(block_i, _pow2_at_least(Lq)),
-                min(block_d, _pow2_at_least(D)),
-            )
-            n_jb = cdiv(Ld, block_j)
-            q_inv = _inverse_norms(q) if normalize else grad_scores
             if dd.numel():
-                _DD(
-                    (P * Dn * n_jb, cdiv(D, block_d)),
-                    (q, argmax, grad_scores, q_inv, dd),
-                    (Qn, Dn, Lq, Ld, D, *q.stride(), n_jb),
-                    dict(
-                        BLOCK_J=block_j, BLOCK_I=block_i, BLOCK_D=block_d, NORMALIZE=normalize,
-                        PREC=_dot_precision(q.dtype, normalize),
-                    ),
+                q_inv = _inverse_norms(q) if normalize else grad_scores
+                order, starts = _entries_by_token(argmax, Qn, Dn, Lq, Ld)
+                rows = P * Dn * Ld
+                block_r, block_t, block_d = DD_BLOCKS
+                block_d = min(block_d, _pow2_at_least(D))
+                _DD_GATHER(
+                    (cdiv(rows, block_r), cdiv(D, block_d)),
+                    (q, order, starts, grad_scores, q_inv, dd),
+                    (Qn, Dn, Lq, Ld, D, rows, *q.stride()),
+                    dict(BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_D=block_d, NORMALIZE=normalize),
                     4,
                     2,
-                )  # fmt: skip
+                )
             if normalize:
                 dd = normalize_backward(d, dd).to(d.dtype)
     return dq, dd
