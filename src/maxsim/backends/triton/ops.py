@@ -193,20 +193,29 @@ torch.library.register_autograd(
 # --- eager autograd -------------------------------------------------------------------------------------
 # Outside ``torch.compile`` a training call takes these plain autograd functions: the same forward, setup
 # and backward as the ops above, without the custom-op dispatch (~0.2 ms of host time per op and call).
+# The forward takes ``ctx`` itself: a separate ``setup_context`` makes ``Function.apply`` bind the
+# arguments through ``inspect.signature`` on every call.
+
+
+def _eager_forward(forward, setup):
+    def forward_with_ctx(ctx, *inputs):
+        output = forward(*inputs)
+        setup(ctx, inputs, output)
+        return output
+
+    return staticmethod(forward_with_ctx)
 
 
 class PaddedFunction(torch.autograd.Function):
     """``maxsim::fwd_padded`` with its autograd, for eager calls: ``apply(q, d, q_mask, d_mask, normalize,
     return_argmax)`` returns ``(scores, argmax)`` as the op does."""
 
-    forward = staticmethod(padded_forward)
-    setup_context = staticmethod(_padded_setup)
+    forward = _eager_forward(padded_forward, _padded_setup)
     backward = staticmethod(_padded_autograd_backward(padded_forward, padded_backward))
 
 
 class VarlenFunction(torch.autograd.Function):
     """``maxsim::fwd_varlen`` with its autograd, for eager calls (arguments and results as the op)."""
 
-    forward = staticmethod(varlen_forward)
-    setup_context = staticmethod(_varlen_setup)
+    forward = _eager_forward(varlen_forward, _varlen_setup)
     backward = staticmethod(_varlen_autograd_backward(varlen_forward, varlen_backward))
