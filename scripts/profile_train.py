@@ -66,12 +66,14 @@ def profile(name: str, nq: int, nd: int, lq: int, ld: int, dim: int = 128, cprof
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
     if cprofile:
-        torch.cuda.synchronize()
-        torch.cuda._sleep(2_000_000_000)
-        stats = cProfile.Profile()
-        stats.runcall(lambda: [_step(q, d) for _ in range(20)])
-        torch.cuda.synchronize()
-        pstats.Stats(stats).sort_stats("tottime").print_stats(25)
+        for label in ("train step", "backward dd"):
+            print(f"-- cProfile of 20 calls of {label} (host)")
+            torch.cuda.synchronize()
+            torch.cuda._sleep(2_000_000_000)
+            stats = cProfile.Profile()
+            stats.runcall(lambda fn=rows[label]: [fn() for _ in range(20)])
+            torch.cuda.synchronize()
+            pstats.Stats(stats).sort_stats("tottime").print_stats(15)
 
 
 def main() -> None:
