@@ -475,3 +475,123 @@ def test_topk_through_the_kernels(corpus):
         scores, ids = maxsim.topk(*to_dev(q, tokens), 5, cu_seqlens_d=cu.to(DEVICE), chunk=4)
     assert torch.equal(scores.cpu().double(), order.values[:, :5])
     assert torch.equal(ids.cpu(), order.indices[:, :5])
+
+
+# Quantized documents (Index storage): int8 / float8_e4m3fn codes with a float32 scale per token, widened in
+# registers. The reference scores the dequantized tokens in float64, so the float32 tolerance applies.
+QUANT = (torch.int8, torch.float8_e4m3fn)
+QUANT_CASES = [  # (config, n_split)
+    pytest.param(None, None, id="default"),
+    pytest.param(SMALL, 3, id="lane-max-split"),
+    pytest.param(SMALL_TILE_MAX, None, id="tile-max"),
+]
+
+
+def _dequantized(codes, scales):
+    return codes.double() * scales.double()[:, None]
+
+
+@pytest.mark.parametrize("qdtype", QUANT, ids=dtype_id)
+@pytest.mark.parametrize(("cfg", "n_split"), QUANT_CASES)
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
+@pytest.mark.parametrize("dim", [1, 130])
+def test_varlen_quantized_documents(dim, normalize, cfg, n_split, qdtype):
+    """Ragged queries and documents, odd D (one D chunk or several), all and listed pairs."""
+    from maxsim.index import quantize
+
+    g = torch.Generator().manual_seed(53 + dim)
+    q, cu_q = ragged(g, [3, 33, 1], dim, torch.float16)
+    d, cu_d = ragged(g, [1, 97, 40, 5, 18], dim, torch.float32, cu_dtype=torch.int64)
+    codes, scales = quantize(d, qdtype)
+    wide = _dequantized(codes, scales)
+    for pairs in (None, (torch.tensor([0, 2, 1, 1]), torch.tensor([4, 0, 1, 3]))):
+        pd = (None, None) if pairs is None else tuple(to_dev(*pairs))
+        scores, argmax = maxsim_varlen_fwd(
+            *to_dev(q, cu_q, codes, cu_d), *pd, max_lq=33, max_ld=97, normalize=normalize, return_argmax=True,
+            config=cfg, n_split=n_split, d_scales=scales.to(DEVICE),
+        )  # fmt: skip
+        ref, ref_argmax = maxsim_varlen_reference(
+            q.double(), cu_q, wide, cu_d, pairs=pairs, normalize=normalize
+        )
+        assert_scores_close(scores, ref, dtype=torch.float32)
+        assert torch.equal(argmax.cpu() < 0, ref_argmax < 0)
+
+
+@pytest.mark.parametrize("qdtype", QUANT, ids=dtype_id)
+@pytest.mark.parametrize(("cfg", "n_split"), QUANT_CASES)
+def test_varlen_quantized_ties_exact(cfg, n_split, qdtype):
+    """Integer codes with power-of-two scales: every product exact, so scores and argmax (the first of
+    many tied tokens) equal the reference's exactly. A NaN e4m3 code winning as the first NaN is checked on
+    a GPU only (test_gpu.py): the interpreter widens e4m3fn's NaN code 0x7F to 480."""
+    g = torch.Generator().manual_seed(59)
+    q = integer_tokens((22, 24), torch.float16, generator=g)
+    codes = integer_tokens((104, 24), torch.float32, generator=g, low=-3, high=4)
+    scales = 2.0 ** torch.randint(-3, 2, (104,), generator=g).float()
+    scales[40:50] = 0.5  # a run of equal scales: duplicated tokens tie exactly
+    codes[40:45] = codes[45:50]
+    codes = codes.to(qdtype)
+    cu_q = torch.tensor([0, 2, 22], dtype=torch.int32)
+    cu_d = torch.tensor([0, 1, 71, 104], dtype=torch.int32)
+    scores, argmax = maxsim_varlen_fwd(
+        *to_dev(q, cu_q, codes, cu_d), None, None, max_lq=20, max_ld=70, normalize=False, return_argmax=True,
+        config=cfg, n_split=n_split, d_scales=scales.to(DEVICE),
+    )  # fmt: skip
+    ref, ref_argmax = maxsim_varlen_reference(q.double(), cu_q, _dequantized(codes, scales), cu_d)
+    assert torch.equal(scores.cpu().double(), ref)
+    assert torch.equal(argmax.cpu(), ref_argmax)
+
+
+@pytest.mark.parametrize("qdtype", QUANT, ids=dtype_id)
+def test_index_search_reads_quantized_tokens(qdtype, monkeypatch):
+    """Index.search on the Triton backend hands the stored codes and scales to the kernel (nothing widened
+    into memory): the reference's top-k over the dequantized tokens, with query lengths and duplicated
+    documents (equal scores by lower id)."""
+    from maxsim import index as index_module
+
+    widened = []
+    monkeypatch.setattr(index_module, "dequantize", lambda *a: widened.append(a) or 1 / 0)
+    g = torch.Generator().manual_seed(61)
+    lengths = torch.randint(1, 30, (12,), generator=g).tolist()
+    docs = [random_tokens((n, 40), torch.float32, generator=g) for n in lengths]
+    docs += docs[:3]
+    ids = torch.arange(15) * 3 + 1
+    index = maxsim.Index(40, qdtype, device=DEVICE)
+    index.add(docs, ids=ids)
+    q = random_tokens((3, 9, 40), torch.float16, generator=g)
+    q_lengths = torch.tensor([9, 4, 1])
+    scores, got = index.search(q.to(DEVICE), 6, q_lengths=q_lengths.to(DEVICE), chunk=4)
+    assert not widened
+    wide = _dequantized(index.tokens.cpu(), index.scales.cpu())
+    cu = index.offsets.cpu()
+    spans = list(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True))
+    full = torch.tensor([
+        [maxsim_reference(q[i, :n].double(), wide[a:b])[0].item() for a, b in spans]
+        for i, n in enumerate(q_lengths.tolist())
+    ], dtype=torch.float64)  # fmt: skip
+    order = torch.sort(full, dim=1, descending=True, stable=True)
+    assert torch.equal(got.cpu(), ids[order.indices[:, :6]])
+    assert_scores_close(scores, order.values[:, :6], dtype=torch.float32)
+    one_scores, one_ids = index.search(q[0].to(DEVICE), 6)
+    assert torch.equal(one_ids, got[0]) and torch.equal(one_scores, scores[0])
+
+
+def test_quantized_bad_input():
+    g = torch.Generator().manual_seed(67)
+    q, cu_q = ragged(g, [3], 16, torch.float16)
+    d, cu_d = ragged(g, [5, 2], 16, torch.float16)
+    codes = d.to(torch.int8)
+    scales = torch.ones(7)
+    kw = dict(max_lq=3, max_ld=5, normalize=False, return_argmax=False)
+    q, cu_q, d, cu_d, codes, scales = to_dev(q, cu_q, d, cu_d, codes, scales)
+    with pytest.raises(ValueError, match="d of dtype int8 needs d_scales"):
+        maxsim_varlen_fwd(q, cu_q, codes, cu_d, None, None, **kw)
+    with pytest.raises(ValueError, match=r"d_scales must be float32 \[7\]"):
+        maxsim_varlen_fwd(q, cu_q, codes, cu_d, None, None, **kw, d_scales=scales[:6])
+    with pytest.raises(ValueError, match=r"d_scales must be float32"):
+        maxsim_varlen_fwd(q, cu_q, codes, cu_d, None, None, **kw, d_scales=scales.half())
+    with pytest.raises(TypeError, match="d must have dtype int8, float8_e4m3fn with d_scales"):
+        maxsim_varlen_fwd(q, cu_q, d, cu_d, None, None, **kw, d_scales=scales)
+    with pytest.raises(TypeError, match="q must be float16 or bfloat16 with quantized d"):
+        maxsim_varlen_fwd(q.float(), cu_q, codes, cu_d, None, None, **kw, d_scales=scales)
+    with pytest.raises(TypeError, match="d_scales must be a torch.Tensor"):
+        maxsim_varlen_fwd(q, cu_q, codes, cu_d, None, None, **kw, d_scales=[1.0] * 7)

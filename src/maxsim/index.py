@@ -5,9 +5,11 @@ float16, bfloat16 (stored as given) or float8 e4m3 and int8 (each token scaled b
 ``token ≈ stored * scale``; ``scale = max|token| / 448`` for e4m3, ``/ 127`` for int8).
 
 Documents are kept in ascending id order, so search results with equal scores come out by lower id, as
-``maxsim.topk``'s do. Search is ``maxsim.topk`` over the stored corpus in chunks of documents. Quantized chunks are widened to
-the queries' 16-bit dtype one chunk at a time (a bounded buffer, not the corpus): the fused kernels that
-read e4m3/int8 tokens directly (issue 6) are not written yet.
+``maxsim.topk``'s do. Search is ``maxsim.topk`` over the stored corpus in chunks of documents. Quantized
+storage on the Triton backend (CUDA, or the interpreter on CPU with ``MAXSIM_BACKEND=triton``) goes straight
+to the varlen kernel, which reads the int8/e4m3 codes and scales and widens them in registers: nothing is
+dequantized into memory. On the torch backend (CPU, MPS) quantized chunks are widened to the queries'
+16-bit dtype one chunk of ``CHUNK_TOKENS`` tokens at a time (a bounded buffer, not the corpus).
 
 Files are safetensors with a checksum of every tensor's bytes in the metadata: a truncated or corrupted
 file raises ``ValueError`` on load, never a wrong result.
@@ -22,7 +24,8 @@ from pathlib import Path
 import torch
 
 from . import validate as check
-from .search import check_k, merge_topk, topk
+from .backends import get_backend
+from .search import check_k, merge_topk, packed_scorer, query_batch, stream_topk, topk
 
 STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.int8)
 QUANT_MAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
@@ -195,15 +198,23 @@ class Index:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` best documents per query: ``maxsim.topk`` semantics, the caller's ids.
 
+        Quantized storage is scored by the fused kernel (codes widened in registers) on the Triton backend;
+        on the torch backend (CPU, MPS) by widening ``CHUNK_TOKENS`` stored tokens at a time to 16 bits.
+
         Args:
-            q: ``[Nq, Lq, D]`` or ``[Lq, D]`` float32/float16/bfloat16 on the index's device.
-            chunk: documents per step (default: about ``CHUNK_TOKENS`` tokens).
+            q: ``[Nq, Lq, D]`` or ``[Lq, D]`` float32/float16/bfloat16 on the index's device (cast to the
+                storage dtype, or for quantized storage to bfloat16 if ``q`` is, else float16).
+            q_mask, q_lengths: the queries' real tokens, as in ``maxsim.topk``.
+            chunk: documents per step (default: ``maxsim.topk``'s; about ``CHUNK_TOKENS`` tokens when
+                quantized tokens are widened).
 
         Returns:
             float32 scores and int64 ids ``[Nq, k]`` (``[k]`` for a 2-D ``q``), best first, equal scores by
             lower id.
         """
         check.check_tokens(q, "q")
+        if q.dim() not in (2, 3):
+            raise ValueError(f"q must have shape [Nq, Lq, D] or [Lq, D], got {tuple(q.shape)}")
         if q.shape[-1] != self.dim:
             raise ValueError(f"q has dim {q.shape[-1]}, the index has dim {self.dim}")
         check.check_device(q, "q", self.device, "the index")
@@ -216,14 +227,31 @@ class Index:
                 chunk=chunk, normalize=normalize,
             )  # fmt: skip
             return scores, self.ids[pos]
-        return self._search_quantized(q, k, q_mask, q_lengths, chunk, normalize)
+        queries = q.to(torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float16)
+        backend = get_backend(self.device)
+        if getattr(backend, "_kernels_run_on", lambda x: False)(queries):
+            return self._search_fused(queries, k, q_mask, q_lengths, chunk, normalize)
+        return self._search_widened(queries, k, q_mask, q_lengths, chunk, normalize)
 
-    def _search_quantized(self, q, k, q_mask, q_lengths, chunk, normalize):
-        """Chunks of documents widened to the queries' dtype one at a time, merged into a running top-k."""
+    def _search_fused(self, queries, k, q_mask, q_lengths, chunk, normalize):
+        """Quantized storage on the Triton backend: codes and scales straight to the varlen kernel."""
+        check_k(k, len(self))
+        batch, mask = query_batch(queries, q_mask, q_lengths, validate=True)
+        with torch.no_grad():
+            score = packed_scorer(
+                batch, mask, self.tokens, self.offsets, max(self._lengths), normalize, d_scales=self.scales
+            )
+            scores, pos = stream_topk(score, len(self), batch.shape[0], k, chunk, self.device)
+        if queries.dim() == 2:
+            scores, pos = scores[0], pos[0]
+        return scores, self.ids[pos]
+
+    def _search_widened(self, queries, k, q_mask, q_lengths, chunk, normalize):
+        """The torch backend: chunks of documents widened to the queries' 16-bit dtype one at a time
+        (a ``CHUNK_TOKENS`` buffer), merged into a running top-k."""
         n = len(self)
         check_k(k, n)
-        wide = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float16
-        queries = q.to(wide)
+        wide = queries.dtype
         single = queries.dim() == 2
         starts = list(itertools.accumulate(self._lengths, initial=0))
         bounds, first = [0], 0

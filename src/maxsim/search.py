@@ -117,27 +117,41 @@ def topk(
         check.check_pair(q, d)
         n = d.shape[0]
     check_k(k, n)
-    queries = q[None] if single else q
-    q_mask = check.token_mask(queries, q_mask if not single or q_mask is None else q_mask[None],
-                              q_lengths if not single or q_lengths is None else q_lengths[None],
-                              "q", check_values=validate, require_real=False)  # fmt: skip
+    queries, q_mask = query_batch(q, q_mask, q_lengths, validate)
     if not packed:
         d_mask = check.token_mask(d, d_mask, d_lengths, "d", check_values=validate, require_real=True)
-    nq = queries.shape[0]
-    step = chunk if chunk is not None else max(1, CHUNK_SCORES // max(nq, 1))
     with torch.no_grad():
         if packed:
-            score_chunk = _packed_scorer(queries, q_mask, d, cu_seqlens_d, longest, normalize)
+            score_chunk = packed_scorer(queries, q_mask, d, cu_seqlens_d, longest, normalize)
         else:
             score_chunk = _padded_scorer(queries, q_mask, d, d_mask, normalize)
-        best_scores = torch.empty(nq, 0, dtype=torch.float32, device=q.device)
-        best_ids = torch.empty(nq, 0, dtype=torch.int64, device=q.device)
-        for start in range(0, n, step):
-            stop = min(n, start + step)
-            ids = torch.arange(start, stop, device=q.device)
-            best_scores, best_ids = merge_topk(best_scores, best_ids, score_chunk(start, stop), ids, k)
+        best_scores, best_ids = stream_topk(score_chunk, n, queries.shape[0], k, chunk, q.device)
     if single:
         return best_scores[0], best_ids[0]
+    return best_scores, best_ids
+
+
+def query_batch(q, q_mask, q_lengths, validate: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Queries as a batch ``[Nq, Lq, D]`` (a 2-D ``q`` gets a batch of one) and their bool mask or None."""
+    if q.dim() == 3:
+        return q, check.token_mask(q, q_mask, q_lengths, "q", check_values=validate, require_real=False)
+    q_mask = None if q_mask is None else q_mask[None]
+    q_lengths = None if q_lengths is None else q_lengths[None]
+    return q[None], check.token_mask(
+        q[None], q_mask, q_lengths, "q", check_values=validate, require_real=False
+    )
+
+
+def stream_topk(score_chunk, n: int, nq: int, k: int, chunk: int | None, device: torch.device):
+    """Running top-k over documents ``[0, n)`` scored ``chunk`` at a time by ``score_chunk(start, stop)``
+    (float32 ``[Nq, stop - start]``): float32 scores and int64 positions ``[Nq, k]``."""
+    step = chunk if chunk is not None else max(1, CHUNK_SCORES // max(nq, 1))
+    best_scores = torch.empty(nq, 0, dtype=torch.float32, device=device)
+    best_ids = torch.empty(nq, 0, dtype=torch.int64, device=device)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        ids = torch.arange(start, stop, device=device)
+        best_scores, best_ids = merge_topk(best_scores, best_ids, score_chunk(start, stop), ids, k)
     return best_scores, best_ids
 
 
@@ -155,9 +169,13 @@ def _padded_scorer(queries, q_mask, d, d_mask, normalize):
     return score
 
 
-def _packed_scorer(queries, q_mask, d, cu_d, longest, normalize):
+def packed_scorer(queries, q_mask, d, cu_d, longest, normalize, d_scales=None):
     """``score(start, stop)`` for a packed corpus: the queries packed once (masked tokens dropped, which
-    is what a mask means), each chunk of documents a slice of ``d`` with its own offsets."""
+    is what a mask means), each chunk of documents a slice of ``d`` with its own offsets.
+
+    ``d_scales``: float32 ``[T]`` for int8/float8_e4m3fn ``d`` (``Index`` storage): the chunks go straight
+    to the Triton varlen kernel, which widens the codes in registers (CUDA or the interpreter only).
+    """
     nq, lq = queries.shape[0], queries.shape[1]
     real = torch.ones(nq, lq, dtype=torch.bool, device=queries.device) if q_mask is None else q_mask
     counts = real.sum(dim=1)
@@ -177,10 +195,18 @@ def _packed_scorer(queries, q_mask, d, cu_d, longest, normalize):
         if kept.numel() == 0:
             return out
         t0, t1 = starts[start], starts[stop]
-        out[kept] = maxsim_varlen(
-            q_packed, cu_q_nonempty, d[t0:t1], offsets[start : stop + 1] - t0,
-            max_seqlen_q=lq, max_seqlen_d=longest, normalize=normalize, validate=False,
-        )  # fmt: skip
+        if d_scales is None:
+            out[kept] = maxsim_varlen(
+                q_packed, cu_q_nonempty, d[t0:t1], offsets[start : stop + 1] - t0,
+                max_seqlen_q=lq, max_seqlen_d=longest, normalize=normalize, validate=False,
+            )  # fmt: skip
+        else:
+            from .backends.triton.varlen import maxsim_varlen_fwd
+
+            out[kept] = maxsim_varlen_fwd(
+                q_packed, cu_q_nonempty, d[t0:t1], offsets[start : stop + 1] - t0, None, None,
+                max_lq=lq, max_ld=longest, normalize=normalize, return_argmax=False, d_scales=d_scales[t0:t1],
+            )[0]  # fmt: skip
         return out
 
     return score

@@ -60,6 +60,38 @@ def check_device(x: torch.Tensor, name: str, device: torch.device, ref_name: str
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {device}; put them on one device")
 
 
+SCALED_DTYPES = (torch.int8, torch.float8_e4m3fn)
+
+
+def check_scaled_tokens(q: torch.Tensor, d: torch.Tensor, d_scales, *, d_name: str = "d") -> None:
+    """Quantized documents: ``d [T, D]`` int8/float8_e4m3fn with float32 ``d_scales [T]`` on ``q``'s device,
+    ``q`` float16/bfloat16; documents of another dtype take no scales."""
+    if d_scales is None:
+        if d.dtype in SCALED_DTYPES:
+            raise ValueError(
+                f"{d_name} of dtype {_dtype_name(d.dtype)} needs d_scales (float32, one per token)"
+            )
+        return
+    if not isinstance(d_scales, torch.Tensor):
+        raise TypeError(f"d_scales must be a torch.Tensor or None, got {type(d_scales).__name__}")
+    if d.dtype not in SCALED_DTYPES:
+        names = ", ".join(_dtype_name(t) for t in SCALED_DTYPES)
+        raise TypeError(f"{d_name} must have dtype {names} with d_scales; got {_dtype_name(d.dtype)}")
+    if d_scales.dtype != torch.float32 or d_scales.shape != d.shape[:1]:
+        raise ValueError(
+            f"d_scales must be float32 [{d.shape[0]}] (one per token of {d_name}), "
+            f"got {_dtype_name(d_scales.dtype)} {list(d_scales.shape)}"
+        )
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"q must be float16 or bfloat16 with quantized {d_name}, got {_dtype_name(q.dtype)}")
+    if q.shape[-1] != d.shape[-1]:
+        raise ValueError(
+            f"q and {d_name} must have the same embedding dim D, got {q.shape[-1]} and {d.shape[-1]}"
+        )
+    check_device(d, d_name, q.device, "q")
+    check_device(d_scales, "d_scales", q.device, "q")
+
+
 def _broadcast(a: tuple, b: tuple) -> tuple | None:
     """``torch.broadcast_shapes(a, b)`` in plain Python (30x cheaper per call), or None if they clash."""
     if len(a) < len(b):

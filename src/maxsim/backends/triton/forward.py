@@ -85,12 +85,16 @@ def _mask_end(dm_base, sdm_l, l_lo, l_hi, MASK_BLOCK: tl.constexpr):
 
 @triton.jit
 def _doc_best(
-    q_tile, q_rows, q_in, q_inv, d_base, dm_base, l_lo, l_hi, D, sq_k, sd_l, sd_k, sdm_l,
+    q_tile, q_rows, q_in, q_inv, d_base, dm_base, ds_base, l_lo, l_hi, D, sq_k, sd_l, sd_k, sdm_l,
     BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DMASK: tl.constexpr,
     NORMALIZE: tl.constexpr, ARGMAX: tl.constexpr, SINGLE_D: tl.constexpr, PREC: tl.constexpr,
-    LANE_MAX: tl.constexpr,
+    LANE_MAX: tl.constexpr, D_SCALED: tl.constexpr,
 ):  # fmt: skip
     """Max (NaN wins) and its first index per query row over document tokens ``[l_lo, l_hi)``.
+
+    D_SCALED: the document tokens are int8 / float8 codes with a float32 scale per token at ``ds_base``
+    (contiguous): each tile is widened in registers to the query's dtype (exact), and each similarity
+    column multiplied by its token's scale after the dot (``<q, c * s> = <q, c> * s``).
 
     LANE_MAX: the running maximum is kept elementwise over a ``[BLOCK_Q, BLOCK_L]`` tile (each column lane
     sees the tiles in token order, a strict ``>`` keeps its first winner) and reduced across lanes once at
@@ -115,6 +119,8 @@ def _doc_best(
             d_tile = tl.load(
                 d_cols + offs_k[:, None] * sd_k, mask=real[None, :] & (offs_k[:, None] < D), other=0.0
             )
+            if D_SCALED:
+                d_tile = d_tile.to(q_tile.dtype)
             acc = tl.dot(q_tile, d_tile, input_precision=PREC)
             if NORMALIZE:
                 df = d_tile.to(tl.float32)
@@ -126,10 +132,17 @@ def _doc_best(
                 kk = k0 + offs_k
                 qt = tl.load(q_rows + kk[None, :] * sq_k, mask=q_in[:, None] & (kk[None, :] < D), other=0.0)
                 dt = tl.load(d_cols + kk[:, None] * sd_k, mask=real[None, :] & (kk[:, None] < D), other=0.0)
+                if D_SCALED:
+                    dt = dt.to(qt.dtype)
                 acc = tl.dot(qt, dt, acc, input_precision=PREC)
                 if NORMALIZE:
                     df = dt.to(tl.float32)
                     d_sq += tl.sum(df * df, 0)
+        if D_SCALED:
+            d_scale = tl.load(ds_base + offs.to(tl.int64), mask=real, other=1.0)
+            acc = acc * d_scale[None, :]
+            if NORMALIZE:
+                d_sq = d_sq * (d_scale * d_scale)
         if NORMALIZE:
             d_inv = 1.0 / tl.maximum(tl.sqrt(d_sq), 1e-12)
             acc = acc * q_inv[:, None] * d_inv[None, :]
@@ -224,9 +237,9 @@ def _maxsim_fwd_kernel(
             if HAS_DMASK:
                 l_end = _mask_end(dm_base, sdm_l, l_lo, l_hi, MASK_BLOCK)
             best, best_idx = _doc_best(
-                q_tile, q_rows, q_in, q_inv, d_ptr + p64 * sd_p + n64 * sd_n, dm_base,
+                q_tile, q_rows, q_in, q_inv, d_ptr + p64 * sd_p + n64 * sd_n, dm_base, dm_base,
                 l_lo, l_end, D, sq_k, sd_l, sd_k, sdm_l,
-                BLOCK_Q, BLOCK_L, BLOCK_D, HAS_DMASK, NORMALIZE, ARGMAX, SINGLE_D, PREC, LANE_MAX,
+                BLOCK_Q, BLOCK_L, BLOCK_D, HAS_DMASK, NORMALIZE, ARGMAX, SINGLE_D, PREC, LANE_MAX, False,
             )  # fmt: skip
             row = pq.to(tl.int64) * Dn + n64
             _write_best(

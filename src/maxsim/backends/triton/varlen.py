@@ -3,7 +3,8 @@
 A program scores one block of ``BLOCK_Q`` tokens of one query against one document (or one split of its
 tokens) of a pair; it reads only the real tokens of both (the tile loop stops at the document's own
 length). The tile loop, the tie and NaN rules and the deterministic combination of splits are those of
-``forward.py``.
+``forward.py``. Documents may be quantized (``D_SCALED``): int8 or float8 e4m3 codes with a float32 scale
+per token, widened to the query's 16-bit dtype in registers (nothing dequantized into memory).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import validate as check
 from .configs import FwdConfig, device_info, forward_config
 from .forward import (
     INTERPRETED,
@@ -31,11 +33,11 @@ from .launch import Launcher
 
 @triton.jit
 def _maxsim_varlen_kernel(
-    q_ptr, d_ptr, cu_q_ptr, cu_d_ptr, qid_ptr, did_ptr, score_ptr, argmax_ptr, pmax_ptr, pidx_ptr,
+    q_ptr, d_ptr, ds_ptr, cu_q_ptr, cu_d_ptr, qid_ptr, did_ptr, score_ptr, argmax_ptr, pmax_ptr, pidx_ptr,
     Nd, D, R, MAX_LQ, sq_l, sq_k, sd_l, sd_k, n_qb, n_split, split_len,
     BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, LISTED: tl.constexpr,
     NORMALIZE: tl.constexpr, ARGMAX: tl.constexpr, PARTIAL: tl.constexpr, SINGLE_D: tl.constexpr,
-    PREC: tl.constexpr, LANE_MAX: tl.constexpr,
+    PREC: tl.constexpr, LANE_MAX: tl.constexpr, D_SCALED: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     qb = pid % n_qb
@@ -62,8 +64,8 @@ def _maxsim_varlen_kernel(
     l_hi = tl.minimum(l_lo + split_len, ld)
     l_hi = tl.where(qb * BLOCK_Q < lq, l_hi, l_lo)  # a query block past the query reads nothing
     best, best_idx = _doc_best(
-        q_tile, q_rows, q_in, q_inv, d_ptr + d_start * sd_l, d_ptr, l_lo, l_hi, D, sq_k, sd_l, sd_k, 0,
-        BLOCK_Q, BLOCK_L, BLOCK_D, False, NORMALIZE, ARGMAX, SINGLE_D, PREC, LANE_MAX,
+        q_tile, q_rows, q_in, q_inv, d_ptr + d_start * sd_l, d_ptr, ds_ptr + d_start, l_lo, l_hi, D, sq_k,
+        sd_l, sd_k, 0, BLOCK_Q, BLOCK_L, BLOCK_D, False, NORMALIZE, ARGMAX, SINGLE_D, PREC, LANE_MAX, D_SCALED,
     )  # fmt: skip
     _write_best(
         best, best_idx, q_in, offs_q, pair.to(tl.int64), split, R, score_ptr, argmax_ptr, pmax_ptr, pidx_ptr,
@@ -88,20 +90,24 @@ def maxsim_varlen_fwd(
     return_argmax: bool,
     config: FwdConfig | None = None,
     n_split: int | None = None,
+    d_scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the varlen forward.
 
     Args:
         q: ``[Tq, D]`` packed query tokens (any strides); ``cu_q`` int32/int64 ``[Nq+1]``.
-        d: ``[Td, D]`` packed document tokens (any strides); ``cu_d`` int32/int64 ``[Nd+1]``.
+        d: ``[Td, D]`` packed document tokens (any strides), ``q``'s dtype, or int8 / float8_e4m3fn codes
+            with ``d_scales`` (then ``q`` is float16/bfloat16); ``cu_d`` int32/int64 ``[Nd+1]``.
         q_ids, d_ids: int64 ``[P]`` listed pairs, or both None for all pairs.
         max_lq, max_ld: Python ints >= the longest query / document.
         normalize, return_argmax: as ``maxsim_fwd``.
         config, n_split: launch overrides (tests, autotuning).
+        d_scales: float32 ``[Td]``, token ``t`` being ``d[t] * d_scales[t]``; only with quantized ``d``.
 
     Returns:
         scores float32 ``[Nq, Nd]`` or ``[P]``; int32 argmax ``[..., max_lq]`` (-1 past a query) or None.
     """
+    check.check_scaled_tokens(q, d, d_scales)
     D = q.shape[1]
     nq, nd = cu_q.shape[0] - 1, cu_d.shape[0] - 1
     listed = q_ids is not None
@@ -122,7 +128,7 @@ def maxsim_varlen_fwd(
         _VARLEN(
             programs * n_split,
             (
-                q, d, cu_q, cu_d, q_ids if listed else cu_q, d_ids if listed else cu_d, score_out,
+                q, d, d if d_scales is None else d_scales.contiguous(), cu_q, cu_d, q_ids if listed else cu_q, d_ids if listed else cu_d, score_out,
                 scores if argmax is None else argmax, scores if pmax is None else pmax,
                 scores if pidx is None else pidx,
             ),
@@ -130,7 +136,7 @@ def maxsim_varlen_fwd(
             dict(
                 BLOCK_Q=block_q, BLOCK_L=block_l, BLOCK_D=block_d, LISTED=listed, NORMALIZE=normalize,
                 ARGMAX=return_argmax, PARTIAL=partial, SINGLE_D=D <= block_d, PREC=dot_precision(q.dtype),
-                LANE_MAX=cfg.lane_max,
+                LANE_MAX=cfg.lane_max, D_SCALED=d_scales is not None,
             ),
             cfg.num_warps,
             cfg.num_stages,
