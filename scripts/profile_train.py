@@ -20,6 +20,17 @@ from triton.testing import do_bench
 
 import maxsim
 from maxsim.backends.triton.backward import maxsim_bwd
+from maxsim.backends.triton.configs import FwdConfig
+from maxsim.backends.triton.forward import maxsim_fwd
+
+PACKED_CANDIDATES = [
+    FwdConfig(128, 64, 128, 1, 8, 3, 1.0, 2, False),
+    FwdConfig(128, 64, 128, 1, 4, 3, 1.0, 2, False),
+    FwdConfig(128, 32, 128, 1, 4, 3, 1.0, 2, True),
+    FwdConfig(64, 64, 128, 1, 4, 3, 1.0, 2, True),
+    FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2, False),
+    FwdConfig(32, 64, 128, 1, 4, 3, 1.0, 2, True),
+]
 
 
 def _step(q, d):
@@ -57,6 +68,12 @@ def profile(name: str, nq: int, nd: int, lq: int, ld: int, dim: int = 128, cprof
         "backward dd": lambda: maxsim_bwd(qp, dp, am, g, normalize=False, need_dq=False, need_dd=True),
         "stable sort of the argmax": lambda: torch.sort(argmax.flatten(), stable=True),
     }
+    if lq <= 64:  # the packed forward's candidate configurations
+        for cfg in PACKED_CANDIDATES:
+            rows[f"fwd+argmax {cfg.block_q}/{cfg.block_l}/{cfg.num_warps}w/{cfg.num_stages}s/lane{int(cfg.lane_max)}"] = (
+                lambda cfg=cfg: maxsim_fwd(qp, dp, None, None, normalize=False,
+                                           return_argmax=True, config=cfg)
+            )  # fmt: skip
     print(f"== {name}: Nq={nq} Nd={nd} Lq={lq} Ld={ld} D={dim} bfloat16")
     for label, fn in rows.items():
         print(f"  {label:<16} {do_bench(fn) * 1e3:9.1f} us  (host {_host_us(fn):7.1f} us/call)")

@@ -9,6 +9,7 @@ only (the interpreter's bfloat16 is wrong; ``test_gpu.py`` covers bfloat16).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -174,6 +175,32 @@ def test_small_tiles_splits_and_ties(cfg, n_split, normalize, dtype):
     q4, d4 = q[:, :, None], d[:, None]
     check(scores, argmax, q4, d4, q_mask=q_mask[:, :, None], d_mask=d_mask[:, None], normalize=normalize,
           exact_argmax=not normalize)  # fmt: skip
+
+
+PACKED = configs.FwdConfig(block_q=64, block_l=16, block_d=16, docs=2, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("n_split", [None, 2], ids=["whole", "split"])
+@pytest.mark.parametrize("lane_max", [True, False], ids=["lane-max", "tile-max"])
+def test_packed_queries(lane_max, n_split, dtype):
+    """Several short queries per program (QPACK): 5 queries of 13 tokens in blocks of 4 x 16 rows (the last
+    block half empty), masks on both sides, integer ties, D chunks, split documents."""
+    cfg = dataclasses.replace(PACKED, lane_max=lane_max)
+    flags = (True, True, False, True, "ieee")
+    plan = forward._padded_plan(torch.device(DEVICE), dtype, 2, 5, 13, 20, 3, 37, flags, cfg, n_split)
+    assert plan[-1]["QPACK"] == 4 and plan[-1]["BLOCK_Q"] == 64
+    g = torch.Generator().manual_seed(11)
+    q = integer_tokens((2, 5, 13, 20), dtype, generator=g)
+    d = integer_tokens((2, 3, 37, 20), dtype, generator=g)
+    q_mask = torch.rand(2, 5, 13, generator=g) < 0.8
+    d_mask = torch.rand(2, 3, 37, generator=g) < 0.7
+    d_mask[..., 0] = True
+    qd, dd, qm, dm = to_dev(q, d, q_mask, d_mask)
+    scores, argmax = maxsim_fwd(qd, dd, qm, dm, normalize=False, return_argmax=True, config=cfg, n_split=n_split)
+    alone, _ = maxsim_fwd(qd, dd, qm, dm, normalize=False, return_argmax=False, config=cfg, n_split=n_split)
+    assert torch.equal(scores, alone)
+    check(scores, argmax, q[:, :, None], d[:, None], q_mask=q_mask[:, :, None], d_mask=d_mask[:, None])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)

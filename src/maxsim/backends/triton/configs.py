@@ -13,6 +13,8 @@ Shape classes (``shape_class``):
 - ``rerank``: ``Lq <= 64`` (bytes-bound: few query rows share each document);
 - ``mid``: ``64 < Lq < 256``;
 - ``flops``: ``Lq >= 256`` (ColPali-like, FLOP-bound);
+- ``packed``: several queries of ``Lq <= 64`` against the same documents (all pairs, in-batch training):
+  ``block_q`` rows hold ``block_q / pow2(Lq)`` whole queries, so each document tile feeds a taller dot;
 
 each with a ``-f32`` variant for float32 inputs (twice the bytes per element: smaller tiles) and a ``-wide``
 variant for ``D > 256`` (the query tile no longer stays in registers).
@@ -74,6 +76,7 @@ TABLE: dict[tuple[str, str], FwdConfig] = {
     ("sm_90", "mid-f32"): FwdConfig(64, 64, 64, 1, 4, 2, 2.0, 2, True),
     ("sm_90", "mid-wide"): FwdConfig(64, 64, 128, 1, 4, 3, 2.0, 2, True),
     ("sm_90", "mid-wide-f32"): FwdConfig(64, 64, 64, 1, 4, 2, 2.0, 2, True),
+    ("sm_90", "packed"): FwdConfig(128, 64, 128, 1, 8, 3, 1.0, 2, False),
     ("sm_90", "rerank"): FwdConfig(64, 64, 128, 1, 4, 3, 0.5, 2, True),
     ("sm_90", "rerank-f32"): FwdConfig(32, 64, 64, 1, 4, 2, 2.0, 2, True),
     ("sm_90", "rerank-wide"): FwdConfig(32, 64, 128, 1, 4, 3, 2.0, 2, True),
@@ -82,8 +85,11 @@ TABLE: dict[tuple[str, str], FwdConfig] = {
 # END TABLE
 
 
-def shape_class(lq: int, dim: int, dtype: torch.dtype) -> str:
-    """The table's shape class of a problem with ``lq`` query tokens of ``dim`` columns."""
+def shape_class(lq: int, dim: int, dtype: torch.dtype, queries: int = 1) -> str:
+    """The table's shape class of a problem with ``lq`` query tokens of ``dim`` columns, ``queries`` of
+    them scored against the same documents."""
+    if queries > 1 and lq <= 64 and dim <= 256 and dtype != torch.float32:
+        return "packed"
     name = "rerank" if lq <= 64 else ("mid" if lq < 256 else "flops")
     if dim > 256:
         name += "-wide"
@@ -108,7 +114,9 @@ def device_info(device: torch.device) -> tuple[str, int]:
     return _device_info(device.type, device.index)
 
 
-def forward_config(device: torch.device, lq: int, dim: int, dtype: torch.dtype) -> FwdConfig:
+def forward_config(
+    device: torch.device, lq: int, dim: int, dtype: torch.dtype, queries: int = 1
+) -> FwdConfig:
     """The configuration of the table for this device and problem (``DEFAULT`` when absent)."""
     arch, _ = device_info(device)
-    return TABLE.get((arch, shape_class(lq, dim, dtype)), DEFAULT)
+    return TABLE.get((arch, shape_class(lq, dim, dtype, queries)), DEFAULT)

@@ -1,7 +1,8 @@
 """Strided padded forward kernels: ``q [P, Qn, Lq, D]`` against ``d [P, Dn, Ld, D]``, any strides.
 
-A program scores one block of ``BLOCK_Q`` query tokens of query ``(p, qi)`` against ``DOCS`` documents
-of group ``p`` (or one split of their tokens), reading the views in place: a broadcast dim is a zero
+A program scores one block of ``BLOCK_Q`` query tokens of query ``(p, qi)`` (or, with ``QPACK > 1``, the
+tokens of ``QPACK`` short queries of group ``p``, each in ``BLOCK_Q / QPACK`` rows) against ``DOCS``
+documents of group ``p`` (or one split of their tokens), reading the views in place: a broadcast dim is a zero
 stride, offsets are int64. It keeps a running maximum (and its first index) per query token over tiles
 of ``BLOCK_L`` document tokens, each a ``tl.dot`` of ``[BLOCK_Q, BLOCK_D] x [BLOCK_D, BLOCK_L]`` summed
 over the ``D`` axis in ``BLOCK_D`` chunks. Masked document tokens are neither loaded nor able to win.
@@ -178,18 +179,32 @@ def _doc_best(
 @triton.jit
 def _write_best(
     best, best_idx, q_real, offs_q, row, split, R, score_ptr, argmax_ptr, pmax_ptr, pidx_ptr, qb, LQ_OUT,
-    ARGMAX: tl.constexpr, PARTIAL: tl.constexpr,
+    ARGMAX: tl.constexpr, PARTIAL: tl.constexpr, QPACK: tl.constexpr, query_ok,
 ):  # fmt: skip
-    """Store one query block's result: per-token partial maxima (PARTIAL) or its sum and argmax."""
+    """Store one query block's result: per-token partial maxima (PARTIAL) or its sum and argmax.
+
+    ``row`` is the output row (``pair * Dn + doc``) of the block, or with ``QPACK`` queries packed in the
+    block, one per query token (``BLOCK_Q / QPACK`` consecutive tokens per query); ``query_ok`` then says
+    which of them belong to a real query."""
     store = offs_q < LQ_OUT
     if PARTIAL:
         off = (split.to(tl.int64) * R + row) * LQ_OUT + offs_q
+        if QPACK > 1:
+            store = store & query_ok
         tl.store(pmax_ptr + off, tl.where(q_real, best, 0.0), mask=store)
         if ARGMAX:
             tl.store(pidx_ptr + off, tl.where(q_real, best_idx, -2), mask=store)
     else:
-        total = tl.sum(tl.where(q_real, best, 0.0), 0)
-        tl.store(score_ptr + qb.to(tl.int64) * R + row, total)
+        if QPACK > 1:
+            slots: tl.constexpr = best.shape[0] // QPACK
+            total = tl.sum(tl.reshape(tl.where(q_real, best, 0.0), [QPACK, slots]), 1)
+            rows = tl.min(tl.reshape(row, [QPACK, slots]), 1)
+            ok = tl.max(tl.reshape(query_ok.to(tl.int32), [QPACK, slots]), 1) > 0
+            tl.store(score_ptr + qb.to(tl.int64) * R + rows, total, mask=ok)
+            store = store & query_ok
+        else:
+            total = tl.sum(tl.where(q_real, best, 0.0), 0)
+            tl.store(score_ptr + qb.to(tl.int64) * R + row, total)
         if ARGMAX:
             tl.store(argmax_ptr + row * LQ_OUT + offs_q, tl.where(q_real, best_idx, -1), mask=store)
 
@@ -204,6 +219,7 @@ def _maxsim_fwd_kernel(
     MASK_BLOCK: tl.constexpr, HAS_QMASK: tl.constexpr, HAS_DMASK: tl.constexpr, NORMALIZE: tl.constexpr,
     ARGMAX: tl.constexpr,
     PARTIAL: tl.constexpr, SINGLE_D: tl.constexpr, PREC: tl.constexpr, LANE_MAX: tl.constexpr,
+    QPACK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     qb = pid % n_qb
@@ -211,15 +227,20 @@ def _maxsim_fwd_kernel(
     split = rest % n_split
     rest = rest // n_split
     nb = rest % n_doc_blocks
-    pq = rest // n_doc_blocks
-    qi = pq % Qn
-    p = pq // Qn
+    pg = rest // n_doc_blocks  # p * n_qgroups + query group
+    n_qgroups = (Qn + QPACK - 1) // QPACK
+    p = pg // n_qgroups
     p64 = p.to(tl.int64)
-    qi64 = qi.to(tl.int64)
 
-    offs_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_in = offs_q < Lq
-    q_rows = q_ptr + p64 * sq_p + qi64 * sq_n + offs_q.to(tl.int64)[:, None] * sq_l
+    # row r of the block: token r % SLOTS of query (group * QPACK + r // SLOTS); QPACK = 1: one query
+    SLOTS: tl.constexpr = BLOCK_Q // QPACK
+    r = tl.arange(0, BLOCK_Q)
+    qi = (pg % n_qgroups) * QPACK + r // SLOTS
+    query_ok = qi < Qn
+    qi64 = qi.to(tl.int64)
+    offs_q = qb * SLOTS + r % SLOTS
+    q_in = (offs_q < Lq) & query_ok
+    q_rows = q_ptr + p64 * sq_p + qi64[:, None] * sq_n + offs_q.to(tl.int64)[:, None] * sq_l
     q_real = q_in
     if HAS_QMASK:
         qm = tl.load(qm_ptr + p64 * sqm_p + qi64 * sqm_n + offs_q.to(tl.int64) * sqm_l, mask=q_in, other=0)
@@ -241,10 +262,13 @@ def _maxsim_fwd_kernel(
                 l_lo, l_end, D, sq_k, sd_l, sd_k, sdm_l,
                 BLOCK_Q, BLOCK_L, BLOCK_D, HAS_DMASK, NORMALIZE, ARGMAX, SINGLE_D, PREC, LANE_MAX, False,
             )  # fmt: skip
-            row = pq.to(tl.int64) * Dn + n64
+            if QPACK == 1:
+                row = (p64 * Qn + (pg % n_qgroups)) * Dn + n64
+            else:
+                row = (p64 * Qn + qi64) * Dn + n64
             _write_best(
                 best, best_idx, q_real, offs_q, row, split, R, score_ptr, argmax_ptr, pmax_ptr, pidx_ptr,
-                qb, Lq, ARGMAX, PARTIAL,
+                qb, Lq, ARGMAX, PARTIAL, QPACK, query_ok,
             )  # fmt: skip
 
 
@@ -390,18 +414,20 @@ _PLANS: dict = {}  # launch plans by (device, dtype, sizes, flags): table lookup
 
 def _padded_plan(device, dtype, P, Qn, Lq, D, Dn, Ld, flags, config, n_split):
     has_qmask, has_dmask, normalize, return_argmax, prec = flags
-    cfg = config or forward_config(device, Lq, D, dtype)
+    cfg = config or forward_config(device, Lq, D, dtype, queries=Qn)
     block_q, block_l, block_d = blocks(cfg, Lq, Ld, D)
+    qpack = min(cfg.block_q // block_q, _next_pow2(Qn)) if block_q == _pow2_at_least(Lq) else 1
+    block_q *= qpack  # qpack whole queries per program (one query's tokens when qpack is 1)
     docs = max(1, min(cfg.docs, Dn))
-    n_qb = cdiv(Lq, block_q)
+    n_qb = cdiv(Lq, block_q // qpack)
     n_doc_blocks = cdiv(Dn, docs)
-    programs = P * Qn * n_doc_blocks * n_qb
+    programs = P * cdiv(Qn, qpack) * n_doc_blocks * n_qb
     n_split, split_len = plan_split(programs, Ld, block_l, cfg, device_info(device)[1], forced=n_split)
     constexprs = dict(
         BLOCK_Q=block_q, BLOCK_L=block_l, BLOCK_D=block_d, DOCS=docs,
         MASK_BLOCK=min(1024, _pow2_at_least(split_len)), HAS_QMASK=has_qmask, HAS_DMASK=has_dmask,
         NORMALIZE=normalize, ARGMAX=return_argmax, PARTIAL=n_split > 1, SINGLE_D=D <= block_d, PREC=prec,
-        LANE_MAX=cfg.lane_max,
+        LANE_MAX=cfg.lane_max, QPACK=qpack,
     )  # fmt: skip
     return cfg, n_qb, n_doc_blocks, n_split, split_len, programs, constexprs
 

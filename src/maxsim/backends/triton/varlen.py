@@ -69,7 +69,7 @@ def _maxsim_varlen_kernel(
     )  # fmt: skip
     _write_best(
         best, best_idx, q_in, offs_q, pair.to(tl.int64), split, R, score_ptr, argmax_ptr, pmax_ptr, pidx_ptr,
-        qb, MAX_LQ, ARGMAX, PARTIAL,
+        qb, MAX_LQ, ARGMAX, PARTIAL, 1, None,
     )  # fmt: skip
 
 
