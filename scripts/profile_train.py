@@ -19,6 +19,7 @@ import torch
 from triton.testing import do_bench
 
 import maxsim
+from maxsim.backends.triton import backward
 from maxsim.backends.triton.backward import maxsim_bwd
 from maxsim.backends.triton.configs import FwdConfig
 from maxsim.backends.triton.forward import maxsim_fwd
@@ -31,6 +32,20 @@ PACKED_CANDIDATES = [
     FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2, False),
     FwdConfig(32, 64, 128, 1, 4, 3, 1.0, 2, True),
 ]
+
+
+DQ_CANDIDATES = [(8, 16, 64), (4, 16, 128), (16, 16, 32), (8, 32, 64), (2, 32, 128), (16, 8, 64)]
+DD_CANDIDATES = [(16, 4, 128), (32, 4, 64), (16, 8, 64), (64, 2, 128), (8, 8, 128), (32, 2, 128)]
+
+
+def _with_blocks(name: str, blocks: tuple, fn):
+    """Run ``fn`` with ``backward.<name>`` set to ``blocks``."""
+    saved = getattr(backward, name)
+    setattr(backward, name, blocks)
+    try:
+        return fn()
+    finally:
+        setattr(backward, name, saved)
 
 
 def _step(q, d):
@@ -74,6 +89,14 @@ def profile(name: str, nq: int, nd: int, lq: int, ld: int, dim: int = 128, cprof
                 lambda cfg=cfg: maxsim_fwd(qp, dp, None, None, normalize=False,
                                            return_argmax=True, config=cfg)
             )  # fmt: skip
+    for blocks in DQ_CANDIDATES:
+        rows[f"dq blocks {blocks}"] = lambda b=blocks: _with_blocks(
+            "DQ_BLOCKS", b, lambda: maxsim_bwd(qp, dp, am, g, normalize=False, need_dq=True, need_dd=False)
+        )
+    for blocks in DD_CANDIDATES:
+        rows[f"dd blocks {blocks}"] = lambda b=blocks: _with_blocks(
+            "DD_BLOCKS", b, lambda: maxsim_bwd(qp, dp, am, g, normalize=False, need_dq=False, need_dd=True)
+        )
     print(f"== {name}: Nq={nq} Nd={nd} Lq={lq} Ld={ld} D={dim} bfloat16")
     for label, fn in rows.items():
         print(f"  {label:<16} {do_bench(fn) * 1e3:9.1f} us  (host {_host_us(fn):7.1f} us/call)")

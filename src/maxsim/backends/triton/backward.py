@@ -23,11 +23,11 @@ import triton
 import triton.language as tl
 
 from ..torch_backend import NORMALIZE_EPS, normalize_backward
-from .forward import INTERPRETED, _pow2_at_least, cdiv, launch_device
+from .forward import INTERPRETED, _next_pow2, _pow2_at_least, cdiv, launch_device
 from .launch import Launcher
 
-DQ_BLOCKS = (8, 16, 64)  # BLOCK_N documents, BLOCK_I query tokens, BLOCK_D columns (at most)
-DD_BLOCKS = (16, 4, 128)  # BLOCK_R document tokens, BLOCK_T entries per step, BLOCK_D columns (at most)
+DQ_BLOCKS = (2, 32, 128)  # BLOCK_N documents, BLOCK_I query tokens, BLOCK_D columns (at most)
+DD_BLOCKS = (16, 8, 64)  # BLOCK_R document tokens, BLOCK_T entries per step, BLOCK_D columns (at most)
 MAX_CHUNK = 1024  # entries per chunk of the counting sort (sorted in registers)
 
 
@@ -79,7 +79,7 @@ def _max_combine(a, b):
 def _sorted_chunk(am_ptr, pn, c, Qn, Dn, Lq, Ld, BLOCK_U: tl.constexpr, SHIFT: tl.constexpr):
     """Chunk ``c`` (``BLOCK_U`` consecutive ``u = qi * Lq + i``) of the entries of document ``pn = p * Dn + n``,
     sorted by (token won, ``u``). Returns per sorted entry: the token won (``Ld`` for none), ``u``, its rank
-    among the chunk's entries that won the same token, whether it is the last of them, and whether it won."""
+    among the chunk's entries that won the same token, and whether it won a token."""
     p = pn // Dn
     n = pn % Dn
     offs = tl.arange(0, BLOCK_U)
@@ -90,43 +90,59 @@ def _sorted_chunk(am_ptr, pn, c, Qn, Dn, Lq, Ld, BLOCK_U: tl.constexpr, SHIFT: t
     key = tl.sort(tl.where(won >= 0, won, Ld) * BLOCK_U + offs)  # unique keys: the sort is stable
     won = key >> SHIFT
     prev = tl.gather(won, tl.maximum(offs - 1, 0), 0)
-    nxt = tl.gather(won, tl.minimum(offs + 1, BLOCK_U - 1), 0)
     first = tl.associative_scan(tl.where((offs == 0) | (won != prev), offs, 0), 0, _max_combine)
-    last = (offs == BLOCK_U - 1) | (won != nxt)
-    return won, c * BLOCK_U + (key & (BLOCK_U - 1)), offs - first, last, won < Ld
+    return won, c * BLOCK_U + (key & (BLOCK_U - 1)), offs - first, won < Ld
 
 
 @triton.jit
 def _dd_count_kernel(
-    am_ptr, counts_ptr, Qn, Dn, Lq, Ld, n_chunks, BLOCK_U: tl.constexpr, SHIFT: tl.constexpr
+    am_ptr, counts_ptr, Qn, Dn, Lq, Ld, n_chunks, BLOCK_U: tl.constexpr, BINS: tl.constexpr
 ):  # fmt: skip
-    """``counts[pn, c, j]``: how many entries of chunk ``c`` of document ``pn`` won its token ``j``."""
+    """``counts[pn, c, j]`` (``j < Ld``): how many entries of chunk ``c`` of document ``pn`` won its token ``j``."""
     pn = (tl.program_id(0) // n_chunks).to(tl.int64)
     c = tl.program_id(0) % n_chunks
-    won, u, rank, last, real = _sorted_chunk(am_ptr, pn, c, Qn, Dn, Lq, Ld, BLOCK_U, SHIFT)
-    out = counts_ptr + (pn * n_chunks + c) * Ld + won
-    tl.store(out, (rank + 1).to(counts_ptr.dtype.element_ty), mask=last & real)
+    p = pn // Dn
+    n = pn % Dn
+    u = c * BLOCK_U + tl.arange(0, BLOCK_U)
+    qi = u // Lq
+    won = tl.load(am_ptr + ((p * Qn + qi) * Dn + n) * Lq + (u - qi * Lq), mask=u < Qn * Lq, other=-1)
+    hist = tl.histogram(tl.where(won >= 0, won, Ld), BINS)  # bin Ld: no token won
+    j = tl.arange(0, BINS)
+    tl.store(counts_ptr + (pn * n_chunks + c) * Ld + j, hist.to(counts_ptr.dtype.element_ty), mask=j < Ld)
 
 
 @triton.jit
 def _dd_place_kernel(
-    am_ptr, counts_ptr, starts_ptr, order_ptr, Qn, Dn, Lq, Ld, n_chunks,
-    BLOCK_U: tl.constexpr, SHIFT: tl.constexpr,
+    am_ptr, counts_ptr, rows_ptr, order_ptr, Qn, Dn, Lq, Ld, n_chunks, R,
+    BLOCK_U: tl.constexpr, SHIFT: tl.constexpr, BINS: tl.constexpr,
 ):  # fmt: skip
-    """``order[starts[pn * Ld + j] + k]``: the ``u`` of the ``k``-th entry (in ``u`` order) that won token ``j``
-    of document ``pn``, from the chunk counts (earlier chunks first, then the rank inside the chunk)."""
+    """Each entry's place: ``order[pn * Qn * Lq + start_j + before + rank] = u``, where ``start_j`` counts the
+    document's entries that won an earlier token, ``before`` those of earlier chunks that won ``j``, ``rank``
+    those of this chunk before it. Chunk 0 also writes each token's ``start`` (``rows[0, pn * Ld + j]``,
+    absolute) and entry count (``rows[1, pn * Ld + j]``)."""
     pn = (tl.program_id(0) // n_chunks).to(tl.int64)
     c = tl.program_id(0) % n_chunks
-    won, u, rank, last, real = _sorted_chunk(am_ptr, pn, c, Qn, Dn, Lq, Ld, BLOCK_U, SHIFT)
-    pos = tl.load(starts_ptr + pn * Ld + won, mask=real, other=0).to(tl.int64) + rank
-    for c2 in range(0, c):
-        pos += tl.load(counts_ptr + (pn * n_chunks + c2) * Ld + won, mask=real, other=0).to(tl.int64)
+    j = tl.arange(0, BINS)
+    j_in = j < Ld
+    total = tl.zeros([BINS], tl.int32)
+    before = tl.zeros([BINS], tl.int32)
+    for c2 in range(0, n_chunks):
+        k = tl.load(counts_ptr + (pn * n_chunks + c2) * Ld + j, mask=j_in, other=0).to(tl.int32)
+        total += k
+        before += tl.where(c2 < c, k, 0)
+    start = tl.cumsum(total, 0) - total
+    base = pn * Qn * Lq
+    if c == 0:
+        tl.store(rows_ptr + pn * Ld + j, base + start, mask=j_in)
+        tl.store(rows_ptr + R + pn * Ld + j, total, mask=j_in)
+    won, u, rank, real = _sorted_chunk(am_ptr, pn, c, Qn, Dn, Lq, Ld, BLOCK_U, SHIFT)
+    pos = base + tl.gather(start + before, tl.where(real, won, 0), 0) + rank
     tl.store(order_ptr + pos, u, mask=real)
 
 
 @triton.jit
 def _dd_gather_kernel(
-    q_ptr, order_ptr, starts_ptr, g_ptr, qinv_ptr, dd_ptr,
+    q_ptr, order_ptr, rows_ptr, g_ptr, qinv_ptr, dd_ptr,
     Qn, Dn, Lq, Ld, D, R, sq_p, sq_n, sq_l, sq_k,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr,
 ):  # fmt: skip
@@ -137,8 +153,8 @@ def _dd_gather_kernel(
     rows = rows.to(tl.int64)
     offs_k = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     k_in = offs_k < D
-    start = tl.load(starts_ptr + rows, mask=r_in, other=0).to(tl.int64)
-    count = tl.load(starts_ptr + rows + 1, mask=r_in, other=0).to(tl.int64) - start
+    start = tl.load(rows_ptr + rows, mask=r_in, other=0).to(tl.int64)
+    count = tl.load(rows_ptr + R + rows, mask=r_in, other=0)
     pn = rows // Ld
     p = pn // Dn
     n = pn - p * Dn
@@ -176,34 +192,40 @@ def _inverse_norms(x: torch.Tensor) -> torch.Tensor:
 
 
 def _entries_by_token(argmax: torch.Tensor, Qn: int, Dn: int, Lq: int, Ld: int):
-    """The argmax inverted, per document token: ``(order, starts)`` such that the query tokens that won token
+    """The argmax inverted, per document token: ``(order, rows)`` such that the query tokens that won token
     ``j`` of document ``pn = p * Dn + n`` are ``u = qi * Lq + i`` for ``u`` in
-    ``order[starts[pn * Ld + j] : starts[pn * Ld + j + 1]]``, ascending.
+    ``order[rows[0, r] : rows[0, r] + rows[1, r]]``, ascending (``r = pn * Ld + j``).
 
-    A deterministic counting sort in two kernels over chunks of ``BLOCK_U`` entries per document (each sorted
-    in registers): per-chunk counts, then each entry's place. Memory: ``order`` (one int32 per entry), the
-    int16 counts ``[P * Dn, chunks, Ld]`` and ``starts``.
+    A deterministic counting sort in two kernels over chunks of ``BLOCK_U`` entries per document: per-chunk
+    histograms, then each entry's place (the chunk sorted in registers gives ranks). Memory: ``order`` (one
+    int32 per entry), the int16 counts ``[P * Dn, chunks, Ld]`` and ``rows``.
     """
     P = argmax.shape[0]
     docs, per_doc = P * Dn, Qn * Lq
     block_u = min(MAX_CHUNK, _pow2_at_least(per_doc))
     if (Ld + 1) * block_u >= 2**31:
         raise ValueError(f"d: documents of {Ld} tokens are too long for the Triton backward")
+    if argmax.numel() >= 2**31:
+        raise ValueError(f"argmax: {argmax.numel()} entries are too many for the Triton backward")
     n_chunks = cdiv(per_doc, block_u)
     device = argmax.device
-    index_dtype = torch.int32 if argmax.numel() < 2**31 else torch.int64
-    starts = torch.zeros(docs * Ld + 1, dtype=index_dtype, device=device)
     order = torch.empty(argmax.numel(), dtype=torch.int32, device=device)
     if n_chunks == 0:  # no query tokens: no entries
-        return order, starts
-    counts = torch.zeros(docs, n_chunks, Ld, dtype=torch.int16, device=device)
-    consts = dict(BLOCK_U=block_u, SHIFT=block_u.bit_length() - 1)
-    _DD_COUNT(docs * n_chunks, (argmax, counts), (Qn, Dn, Lq, Ld, n_chunks), consts, 4, 2)
-    torch.cumsum(counts.sum(1, dtype=index_dtype).view(-1), 0, dtype=index_dtype, out=starts[1:])
+        return order, torch.zeros(2, docs * Ld, dtype=torch.int32, device=device)
+    rows = torch.empty(2, docs * Ld, dtype=torch.int32, device=device)  # chunk 0 of each document fills it
+    counts = torch.empty(docs, n_chunks, Ld, dtype=torch.int16, device=device)
+    bins = _next_pow2(Ld + 1)
+    sizes = (Qn, Dn, Lq, Ld, n_chunks)
+    _DD_COUNT(docs * n_chunks, (argmax, counts), sizes, dict(BLOCK_U=block_u, BINS=bins), 4, 2)
     _DD_PLACE(
-        docs * n_chunks, (argmax, counts, starts, order), (Qn, Dn, Lq, Ld, n_chunks), consts, 4, 2
+        docs * n_chunks,
+        (argmax, counts, rows, order),
+        (*sizes, docs * Ld),
+        dict(BLOCK_U=block_u, SHIFT=block_u.bit_length() - 1, BINS=bins),
+        4,
+        2,
     )
-    return order, starts
+    return order, rows
 
 
 def maxsim_bwd(
@@ -255,13 +277,13 @@ def maxsim_bwd(
             dd = torch.empty(P, Dn, Ld, D, dtype=out_dtype, device=q.device)
             if dd.numel():
                 q_inv = _inverse_norms(q) if normalize else grad_scores
-                order, starts = _entries_by_token(argmax, Qn, Dn, Lq, Ld)
+                order, token_rows = _entries_by_token(argmax, Qn, Dn, Lq, Ld)
                 rows = P * Dn * Ld
                 block_r, block_t, block_d = DD_BLOCKS
                 block_d = min(block_d, _pow2_at_least(D))
                 _DD_GATHER(
                     (cdiv(rows, block_r), cdiv(D, block_d)),
-                    (q, order, starts, grad_scores, q_inv, dd),
+                    (q, order, token_rows, grad_scores, q_inv, dd),
                     (Qn, Dn, Lq, Ld, D, rows, *q.stride()),
                     dict(BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_D=block_d, NORMALIZE=normalize),
                     4,

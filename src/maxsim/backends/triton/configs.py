@@ -76,7 +76,7 @@ TABLE: dict[tuple[str, str], FwdConfig] = {
     ("sm_90", "mid-f32"): FwdConfig(64, 64, 64, 1, 4, 2, 2.0, 2, True),
     ("sm_90", "mid-wide"): FwdConfig(64, 64, 128, 1, 4, 3, 2.0, 2, True),
     ("sm_90", "mid-wide-f32"): FwdConfig(64, 64, 64, 1, 4, 2, 2.0, 2, True),
-    ("sm_90", "packed"): FwdConfig(128, 64, 128, 1, 8, 3, 1.0, 2, False),
+    ("sm_90", "packed"): FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2, False),
     ("sm_90", "rerank"): FwdConfig(64, 64, 128, 1, 4, 3, 0.5, 2, True),
     ("sm_90", "rerank-f32"): FwdConfig(32, 64, 64, 1, 4, 2, 2.0, 2, True),
     ("sm_90", "rerank-wide"): FwdConfig(32, 64, 128, 1, 4, 3, 2.0, 2, True),
