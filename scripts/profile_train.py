@@ -24,18 +24,19 @@ from maxsim.backends.triton.backward import maxsim_bwd
 from maxsim.backends.triton.configs import FwdConfig
 from maxsim.backends.triton.forward import maxsim_fwd
 
-PACKED_CANDIDATES = [
-    FwdConfig(128, 64, 128, 1, 8, 3, 1.0, 2, False),
-    FwdConfig(128, 64, 128, 1, 4, 3, 1.0, 2, False),
-    FwdConfig(128, 32, 128, 1, 4, 3, 1.0, 2, True),
-    FwdConfig(64, 64, 128, 1, 4, 3, 1.0, 2, True),
+FORWARD_CANDIDATES = [  # forward configurations tried with argmax (the training forward)
     FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2, False),
-    FwdConfig(32, 64, 128, 1, 4, 3, 1.0, 2, True),
+    FwdConfig(128, 64, 128, 1, 8, 3, 1.0, 2, True),
+    FwdConfig(128, 64, 128, 1, 4, 3, 1.0, 2, True),
+    FwdConfig(128, 32, 128, 1, 4, 3, 1.0, 2, True),
+    FwdConfig(256, 32, 128, 1, 8, 3, 1.0, 2, True),
+    FwdConfig(128, 64, 128, 1, 8, 4, 1.0, 2, True),
+    FwdConfig(64, 64, 128, 1, 4, 3, 1.0, 2, True),
 ]
 
 
-DQ_CANDIDATES = [(8, 16, 64), (4, 16, 128), (16, 16, 32), (8, 32, 64), (2, 32, 128), (16, 8, 64)]
-DD_CANDIDATES = [(16, 4, 128), (32, 4, 64), (16, 8, 64), (64, 2, 128), (8, 8, 128), (32, 2, 128)]
+DQ_CANDIDATES = [(2, 32, 128), (1, 32, 128), (2, 64, 128), (1, 64, 128)]
+DD_CANDIDATES = [(16, 8, 64), (32, 8, 64), (16, 16, 64), (8, 8, 128)]
 
 
 def _with_blocks(name: str, blocks: tuple, fn):
@@ -83,12 +84,9 @@ def profile(name: str, nq: int, nd: int, lq: int, ld: int, dim: int = 128, cprof
         "backward dd": lambda: maxsim_bwd(qp, dp, am, g, normalize=False, need_dq=False, need_dd=True),
         "stable sort of the argmax": lambda: torch.sort(argmax.flatten(), stable=True),
     }
-    if lq <= 64:  # the packed forward's candidate configurations
-        for cfg in PACKED_CANDIDATES:
-            rows[f"fwd+argmax {cfg.block_q}/{cfg.block_l}/{cfg.num_warps}w/{cfg.num_stages}s/lane{int(cfg.lane_max)}"] = (
-                lambda cfg=cfg: maxsim_fwd(qp, dp, None, None, normalize=False,
-                                           return_argmax=True, config=cfg)
-            )  # fmt: skip
+    for cfg in FORWARD_CANDIDATES:
+        label = f"fwd+argmax {cfg.block_q}/{cfg.block_l}/{cfg.num_warps}w/{cfg.num_stages}s/lane{int(cfg.lane_max)}"
+        rows[label] = lambda c=cfg: maxsim_fwd(qp, dp, None, None, normalize=False, return_argmax=True, config=c)
     for blocks in DQ_CANDIDATES:
         rows[f"dq blocks {blocks}"] = lambda b=blocks: _with_blocks(
             "DQ_BLOCKS", b, lambda: maxsim_bwd(qp, dp, am, g, normalize=False, need_dq=True, need_dd=False)
