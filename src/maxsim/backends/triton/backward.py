@@ -27,14 +27,14 @@ from .forward import INTERPRETED, _next_pow2, _pow2_at_least, cdiv, launch_devic
 from .launch import Launcher
 
 DQ_BLOCKS = (2, 32, 128)  # BLOCK_N documents, BLOCK_I query tokens, BLOCK_D columns (at most)
-DD_BLOCKS = (16, 8, 64)  # BLOCK_R document tokens, BLOCK_T entries per step, BLOCK_D columns (at most)
+DD_BLOCKS = (8, 8, 128)  # BLOCK_R document tokens, BLOCK_T entries per step, BLOCK_D columns (at most)
 MAX_CHUNK = 1024  # entries per chunk of the counting sort (sorted in registers)
 
 
 @triton.jit
 def _dq_kernel(
     d_ptr, am_ptr, g_ptr, dinv_ptr, dq_ptr,
-    Qn, Dn, Lq, Ld, D, sd_p, sd_n, sd_l, sd_k, n_ib,
+    Qn, Dn, Lq, Ld, D, sd_p, sd_n, sd_l, sd_k, sg_p, sg_q, sg_n, n_ib,
     BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -49,8 +49,8 @@ def _dq_kernel(
     for n0 in range(0, Dn, BLOCK_N):
         nn = n0 + tl.arange(0, BLOCK_N)
         n_in = nn < Dn
-        row = pq * Dn + nn  # [BLOCK_N] rows of argmax / grad_scores
-        w = tl.load(g_ptr + row, mask=n_in, other=0.0)
+        row = pq * Dn + nn  # [BLOCK_N] rows of argmax
+        w = tl.load(g_ptr + p * sg_p + (pq - p * Qn) * sg_q + nn * sg_n, mask=n_in, other=0.0)
         won = tl.load(
             am_ptr + row[:, None] * Lq + offs_i[None, :], mask=n_in[:, None] & i_in[None, :], other=-1
         )
@@ -143,7 +143,7 @@ def _dd_place_kernel(
 @triton.jit
 def _dd_gather_kernel(
     q_ptr, order_ptr, rows_ptr, g_ptr, qinv_ptr, dd_ptr,
-    Qn, Dn, Lq, Ld, D, R, sq_p, sq_n, sq_l, sq_k,
+    Qn, Dn, Lq, Ld, D, R, sq_p, sq_n, sq_l, sq_k, sg_p, sg_q, sg_n,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr,
 ):  # fmt: skip
     """``dd[r] = Σ_k w · q[u_k]`` over the entries of row ``r = pn * Ld + j`` in ``order``, ``BLOCK_T`` at a time,
@@ -166,7 +166,7 @@ def _dd_gather_kernel(
         qi = u // Lq
         i = u - qi * Lq
         pq = p[:, None] * Qn + qi
-        w = tl.load(g_ptr + pq * Dn + n[:, None], mask=has, other=0.0)
+        w = tl.load(g_ptr + p[:, None] * sg_p + qi * sg_q + n[:, None] * sg_n, mask=has, other=0.0)
         if NORMALIZE:
             w *= tl.load(qinv_ptr + pq * Lq + i, mask=has, other=0.0)
         tok = tl.load(
@@ -252,7 +252,7 @@ def maxsim_bwd(
     P, Qn, Lq, D = q.shape
     _, Dn, Ld, _ = d.shape
     argmax = argmax.contiguous()
-    grad_scores = grad_scores.to(torch.float32).contiguous()
+    grad_scores = grad_scores.to(torch.float32)  # read through its strides: often an expanded scalar
     out_dtype = torch.float32 if normalize else q.dtype
     dq = dd = None
     with launch_device(q.device):
@@ -266,7 +266,7 @@ def maxsim_bwd(
                 _DQ(
                     (P * Qn * n_ib, cdiv(D, block_d)),
                     (d, argmax, grad_scores, d_inv, dq),
-                    (Qn, Dn, Lq, Ld, D, *d.stride(), n_ib),
+                    (Qn, Dn, Lq, Ld, D, *d.stride(), *grad_scores.stride(), n_ib),
                     dict(BLOCK_N=block_n, BLOCK_I=block_i, BLOCK_D=block_d, NORMALIZE=normalize),
                     4,
                     2,
@@ -284,7 +284,7 @@ def maxsim_bwd(
                 _DD_GATHER(
                     (cdiv(rows, block_r), cdiv(D, block_d)),
                     (q, order, token_rows, grad_scores, q_inv, dd),
-                    (Qn, Dn, Lq, Ld, D, rows, *q.stride()),
+                    (Qn, Dn, Lq, Ld, D, rows, *q.stride(), *grad_scores.stride()),
                     dict(BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_D=block_d, NORMALIZE=normalize),
                     4,
                     2,
