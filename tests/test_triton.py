@@ -204,6 +204,28 @@ def test_packed_queries(lane_max, n_split, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("n_split", [None, 2], ids=["whole", "split"])
+def test_varlen_packed_queries(n_split, dtype):
+    """All pairs of short packed queries, several per program: 7 queries of 1 to 13 tokens in blocks of
+    4 x 16 rows against ragged documents, integer ties, split documents."""
+    g = torch.Generator().manual_seed(13)
+    q_len = torch.tensor([13, 1, 7, 13, 5, 9, 2])
+    d_len = torch.tensor([37, 1, 20, 16])
+    cu_q = torch.cat([torch.zeros(1, dtype=torch.int64), q_len.cumsum(0)])
+    cu_d = torch.cat([torch.zeros(1, dtype=torch.int64), d_len.cumsum(0)])
+    q = integer_tokens((int(cu_q[-1]), 20), dtype, generator=g)
+    d = integer_tokens((int(cu_d[-1]), 20), dtype, generator=g)
+    qd, cqd, dd, cdd = to_dev(q, cu_q, d, cu_d)
+    scores, argmax = maxsim_varlen_fwd(
+        qd, cqd, dd, cdd, None, None, max_lq=13, max_ld=37, normalize=False, return_argmax=True,
+        config=PACKED, n_split=n_split,
+    )  # fmt: skip
+    ref, ref_argmax = maxsim_varlen_reference(q, cu_q, d, cu_d)
+    assert torch.equal(scores.cpu().double(), ref)
+    assert torch.equal(argmax.cpu(), ref_argmax)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("dim", [1, 96, 130])
 @pytest.mark.parametrize("sizes", [(1, 1), (33, 97), (1, 97), (33, 1)], ids=lambda s: f"Lq{s[0]}-Ld{s[1]}")
 def test_odd_sizes(sizes, dim, dtype):

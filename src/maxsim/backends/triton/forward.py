@@ -338,6 +338,13 @@ def blocks(cfg: FwdConfig, lq: int, ld: int, dim: int) -> tuple[int, int, int]:
     )
 
 
+def pack_queries(cfg: FwdConfig, block_q: int, lq: int, queries: int) -> tuple[int, int]:
+    """(QPACK, BLOCK_Q): how many whole queries of ``lq`` tokens share a program's rows (at most
+    ``cfg.block_q`` rows, only when a query fits in ``block_q``), and the block's rows."""
+    qpack = min(cfg.block_q // block_q, _next_pow2(queries)) if block_q == _pow2_at_least(lq) else 1
+    return qpack, block_q * qpack
+
+
 def plan_split(
     programs: int, ld: int, block_l: int, cfg: FwdConfig, sms: int, forced: int | None = None
 ) -> tuple[int, int]:
@@ -416,8 +423,7 @@ def _padded_plan(device, dtype, P, Qn, Lq, D, Dn, Ld, flags, config, n_split):
     has_qmask, has_dmask, normalize, return_argmax, prec = flags
     cfg = config or forward_config(device, Lq, D, dtype, queries=Qn)
     block_q, block_l, block_d = blocks(cfg, Lq, Ld, D)
-    qpack = min(cfg.block_q // block_q, _next_pow2(Qn)) if block_q == _pow2_at_least(Lq) else 1
-    block_q *= qpack  # qpack whole queries per program (one query's tokens when qpack is 1)
+    qpack, block_q = pack_queries(cfg, block_q, Lq, Qn)
     docs = max(1, min(cfg.docs, Dn))
     n_qb = cdiv(Lq, block_q // qpack)
     n_doc_blocks = cdiv(Dn, docs)
