@@ -321,6 +321,42 @@ def test_backward_kernels_against_reference(dtype, normalize):
         assert bool((err <= tol * ref.abs().clamp(min=1.0)).all()), f"max error {err.max().item():.3g}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW], ids=dtype_id)
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
+def test_varlen_backward_kernels_against_reference(dtype, normalize):
+    """All pairs of packed sequences (1 to 40 query tokens, 1 to 300 document tokens): Triton gradients
+    against the reference's float64 autograd routed by our argmax, bitwise equal over two runs."""
+    gen = torch.Generator(CUDA).manual_seed(61)
+    q_len = torch.randint(1, 41, (6,), device=CUDA, generator=gen)
+    d_len = torch.randint(1, 301, (7,), device=CUDA, generator=gen)
+    cu_q = torch.cat([q_len.new_zeros(1), q_len.cumsum(0)])
+    cu_d = torch.cat([d_len.new_zeros(1), d_len.cumsum(0)])
+    q = tokens((int(cu_q[-1]), 136), dtype, 62)
+    d = tokens((int(cu_d[-1]), 136), dtype, 63)
+    weights = torch.rand(6, 7, device=CUDA, generator=gen)
+    runs = []
+    for _ in range(2):
+        qq, dd = q.clone().requires_grad_(True), d.clone().requires_grad_(True)
+        scores, argmax = maxsim.maxsim_varlen(qq, cu_q, dd, cu_d, normalize=normalize, return_argmax=True)
+        (scores * weights).sum().backward()
+        runs.append((qq.grad, dd.grad, argmax))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]), "not deterministic"
+    qr, dr = q.double().requires_grad_(True), d.double().requires_grad_(True)
+    qn, dn = (torch.nn.functional.normalize(t, dim=-1) for t in (qr, dr)) if normalize else (qr, dr)
+    argmax = runs[0][2].long()  # [6, 7, max_lq], -1 past a query
+    real = argmax >= 0
+    i = torch.arange(argmax.shape[-1], device=CUDA)
+    q_rows = (cu_q[:-1, None, None] + i).expand_as(argmax)[real]
+    d_rows = (cu_d[:-1][None, :, None] + argmax)[real]
+    weight = weights.double()[:, :, None].expand(argmax.shape)[real]
+    ((qn[q_rows] * dn[d_rows]).sum(-1) * weight).sum().backward()
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for ours, ref in ((runs[0][0], qr.grad), (runs[0][1], dr.grad)):
+        assert ours.dtype == dtype
+        err = (ours.double() - ref).abs()
+        assert bool((err <= tol * ref.abs().clamp(min=1.0)).all()), f"max error {err.max().item():.3g}"
+
+
 def test_topk_beyond_2_31_elements():
     """A packed corpus of more than 2^31 elements (int64 offsets everywhere): documents planted past the
     2^31-th element are found with their exact scores, in padded-free varlen and through an Index."""

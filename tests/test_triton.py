@@ -440,6 +440,33 @@ def test_entries_by_token_is_a_stable_inversion(max_chunk, monkeypatch):
     assert counts.sum() == int((argmax >= 0).sum())
 
 
+@pytest.mark.parametrize("blocks", SMALL_BWD, ids=["default-blocks", "small-blocks"])
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_varlen_backward_kernels(dtype, normalize, blocks, monkeypatch):
+    """All pairs of packed sequences: the Triton ``dq``/``dd`` against the reference's autograd (ragged
+    lengths from 1 to 33 tokens, a long document, weights per pair), and bitwise equal run after run."""
+    if blocks is not None:
+        monkeypatch.setattr(backward, "DQ_BLOCKS", blocks[0])
+        monkeypatch.setattr(backward, "DD_BLOCKS", blocks[1])
+        monkeypatch.setattr(backward, "MAX_CHUNK", blocks[2])
+    g = torch.Generator().manual_seed(53)
+    q, cu_q = ragged(g, [3, 1, 17], 20, dtype)
+    d, cu_d = ragged(g, [4, 9, 1, 33], 20, dtype)
+    weights = torch.rand(3, 4, generator=g) + 0.5
+    qr, dr = (t.double().requires_grad_(True) for t in (q, d))
+    (maxsim_varlen_reference(qr, cu_q, dr, cu_d, normalize=normalize)[0] * weights.double()).sum().backward()
+    runs = []
+    for _ in range(2):
+        qd, dd = (t.to(DEVICE, copy=True).requires_grad_(True) for t in (q, d))
+        cqd, cdd = to_dev(cu_q, cu_d)
+        (maxsim.maxsim_varlen(qd, cqd, dd, cdd, normalize=normalize) * weights.to(DEVICE)).sum().backward()
+        runs.append((qd.grad.cpu(), dd.grad.cpu()))
+    assert_grads_close(runs[0][0], qr.grad, dtype=dtype)
+    assert_grads_close(runs[0][1], dr.grad, dtype=dtype)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
 def test_varlen_gradients():
     g = torch.Generator().manual_seed(31)
     q, cu_q = ragged(g, [3, 5], 16, torch.float32)

@@ -1,9 +1,9 @@
 """Triton backend: the GPU kernels (NVIDIA; ROCm untested), with the torch backend's signature.
 
 Files: ``forward.py`` (the strided padded family), ``varlen.py`` (packed sequences), ``configs.py`` (launch
-configurations by architecture and shape class), ``backward.py`` (the padded backward kernels), ``ops.py``
-(``torch.library`` custom ops, fake kernels, autograd). Packed (varlen) inputs take the torch backend's
-backward, run from the saved int32 argmax.
+configurations by architecture and shape class), ``backward.py`` (the backward kernels, from the saved int32
+argmax), ``ops.py`` (``torch.library`` custom ops, fake kernels, autograd). Listed pairs of packed (varlen)
+inputs take the torch backend's backward.
 
 Without a GPU the kernels run in the Triton interpreter: importing this package on a machine where torch
 sees no CUDA device sets ``TRITON_INTERPRET=1`` (unless it is set already) before the kernels are defined.

@@ -33,9 +33,10 @@ MAX_CHUNK = 1024  # entries per chunk of the counting sort (sorted in registers)
 
 @triton.jit
 def _dq_kernel(
-    d_ptr, am_ptr, g_ptr, dinv_ptr, dq_ptr,
+    d_ptr, am_ptr, g_ptr, dinv_ptr, dq_ptr, cu_q_ptr, cu_d_ptr,
     Qn, Dn, Lq, Ld, D, sd_p, sd_n, sd_l, sd_k, sg_p, sg_q, sg_n, n_ib,
     BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     ib = pid % n_ib
@@ -55,18 +56,28 @@ def _dq_kernel(
             am_ptr + row[:, None] * Lq + offs_i[None, :], mask=n_in[:, None] & i_in[None, :], other=-1
         )
         real = won >= 0
-        doc = p * Dn + nn
         weight = tl.where(real, w[:, None], 0.0)
+        if VARLEN:  # packed documents: token won of document nn is row cu_d[nn] + won
+            d_row = tl.load(cu_d_ptr + nn, mask=n_in, other=0).to(tl.int64)[:, None] + won
+            d_off = d_row * sd_l
+        else:
+            d_row = (p * Dn + nn)[:, None] * Ld + won
+            d_off = p * sd_p + (nn.to(tl.int64) * sd_n)[:, None] + won.to(tl.int64) * sd_l
         if NORMALIZE:
-            weight *= tl.load(dinv_ptr + doc[:, None] * Ld + won, mask=real, other=0.0)
+            weight *= tl.load(dinv_ptr + d_row, mask=real, other=0.0)
         rows = tl.load(
-            d_ptr + p * sd_p + (nn.to(tl.int64) * sd_n)[:, None, None] + (won.to(tl.int64) * sd_l)[:, :, None]
-            + (offs_k * sd_k)[None, None, :],
+            d_ptr + d_off[:, :, None] + (offs_k * sd_k)[None, None, :],
             mask=real[:, :, None] & k_in[None, None, :],
             other=0.0,
-        )  # fmt: skip
+        )
         acc += tl.sum(weight[:, :, None] * rows.to(tl.float32), 0)
-    out = dq_ptr + (pq * Lq + offs_i)[:, None] * D + offs_k[None, :]
+    if VARLEN:  # packed queries: row cu_q[qi] + i, for the query's own tokens only
+        q_start = tl.load(cu_q_ptr + pq).to(tl.int64)
+        out_rows = q_start + offs_i
+        i_in = offs_i < tl.load(cu_q_ptr + pq + 1).to(tl.int64) - q_start
+    else:
+        out_rows = pq * Lq + offs_i
+    out = dq_ptr + out_rows[:, None] * D + offs_k[None, :]
     tl.store(out, acc.to(dq_ptr.dtype.element_ty), mask=i_in[:, None] & k_in[None, :])
 
 
@@ -142,12 +153,14 @@ def _dd_place_kernel(
 
 @triton.jit
 def _dd_gather_kernel(
-    q_ptr, order_ptr, rows_ptr, g_ptr, qinv_ptr, dd_ptr,
+    q_ptr, order_ptr, rows_ptr, g_ptr, qinv_ptr, dd_ptr, cu_q_ptr, cu_d_ptr,
     Qn, Dn, Lq, Ld, D, R, sq_p, sq_n, sq_l, sq_k, sg_p, sg_q, sg_n,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):  # fmt: skip
     """``dd[r] = Σ_k w · q[u_k]`` over the entries of row ``r = pn * Ld + j`` in ``order``, ``BLOCK_T`` at a time,
-    in order (``w = grad_scores[p, qi, n]``, times the query token's inverse norm with NORMALIZE)."""
+    in order (``w = grad_scores[p, qi, n]``, times the query token's inverse norm with NORMALIZE). VARLEN:
+    ``q``/``d``/``dd`` are packed by ``cu_q``/``cu_d`` (one group), the argmax padded to ``Lq``/``Ld``."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_in = rows < R
     rows = rows.to(tl.int64)
@@ -165,16 +178,26 @@ def _dd_gather_kernel(
         u = tl.load(order_ptr + start[:, None] + t[None, :], mask=has, other=0).to(tl.int64)
         qi = u // Lq
         i = u - qi * Lq
-        pq = p[:, None] * Qn + qi
         w = tl.load(g_ptr + p[:, None] * sg_p + qi * sg_q + n[:, None] * sg_n, mask=has, other=0.0)
+        if VARLEN:  # packed queries: token i of query qi is row cu_q[qi] + i
+            q_row = tl.load(cu_q_ptr + qi, mask=has, other=0).to(tl.int64) + i
+            q_off = q_row * sq_l
+        else:
+            q_row = (p[:, None] * Qn + qi) * Lq + i
+            q_off = p[:, None] * sq_p + qi * sq_n + i * sq_l
         if NORMALIZE:
-            w *= tl.load(qinv_ptr + pq * Lq + i, mask=has, other=0.0)
+            w *= tl.load(qinv_ptr + q_row, mask=has, other=0.0)
         tok = tl.load(
-            q_ptr + (p[:, None] * sq_p + qi * sq_n + i * sq_l)[:, :, None] + (offs_k * sq_k)[None, None, :],
+            q_ptr + q_off[:, :, None] + (offs_k * sq_k)[None, None, :],
             mask=has[:, :, None] & k_in[None, None, :],
             other=0.0,
         )
         acc += tl.sum(w[:, :, None] * tok.to(tl.float32), 1)
+    if VARLEN:  # packed documents: token j of document pn is row cu_d[pn] + j, for its own tokens only
+        d_start = tl.load(cu_d_ptr + pn, mask=r_in, other=0).to(tl.int64)
+        j = rows - pn * Ld
+        r_in = r_in & (j < tl.load(cu_d_ptr + pn + 1, mask=r_in, other=0).to(tl.int64) - d_start)
+        rows = d_start + j
     out = dd_ptr + rows[:, None] * D + offs_k[None, :]
     tl.store(out, acc.to(dd_ptr.dtype.element_ty), mask=r_in[:, None] & k_in[None, :])
 
@@ -249,15 +272,57 @@ def maxsim_bwd(
     Returns:
         ``(dq, dd)`` contiguous, shaped like ``q`` and ``d`` in their dtype (None where not needed).
     """
-    P, Qn, Lq, D = q.shape
-    _, Dn, Ld, _ = d.shape
+    return _backward(
+        q, d, argmax, grad_scores, d.shape[2], q.stride(), d.stride(), None, None,
+        normalize=normalize, need_dq=need_dq, need_dd=need_dd,
+    )  # fmt: skip
+
+
+def maxsim_varlen_bwd(
+    q: torch.Tensor,
+    cu_q: torch.Tensor,
+    d: torch.Tensor,
+    cu_d: torch.Tensor,
+    argmax: torch.Tensor,
+    grad_scores: torch.Tensor,
+    *,
+    max_ld: int,
+    normalize: bool,
+    need_dq: bool,
+    need_dd: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of the varlen forward over all pairs from its argmax, deterministic.
+
+    Args:
+        q: ``[Tq, D]`` packed by ``cu_q`` ``[Nq+1]``; d: ``[Td, D]`` packed by ``cu_d`` ``[Nd+1]`` (any strides).
+        argmax: int32 ``[Nq, Nd, max_lq]`` (-1 past a query); grad_scores: ``[Nq, Nd]``.
+        max_ld: the longest document; normalize, need_dq, need_dd: as ``maxsim_bwd``.
+
+    Returns:
+        ``(dq, dd)`` contiguous, shaped like ``q`` and ``d`` in their dtype (None where not needed).
+    """
+    return _backward(
+        q, d, argmax[None], grad_scores[None], max_ld, (0, 0, *q.stride()), (0, 0, *d.stride()), cu_q, cu_d,
+        normalize=normalize, need_dq=need_dq, need_dd=need_dd,
+    )  # fmt: skip
+
+
+def _backward(q, d, argmax, grad_scores, Ld, q_strides, d_strides, cu_q, cu_d, *, normalize, need_dq, need_dd):
+    """Launch the kernels: padded ``q``/``d`` (``cu_q`` None) or packed by ``cu_q``/``cu_d`` (one group), with
+    ``argmax`` ``[P, Qn, Dn, Lq]``, ``grad_scores`` ``[P, Qn, Dn]`` and ``q``/``d`` strides as four dims."""
+    P, Qn, Dn, Lq = argmax.shape
+    D = q.shape[-1]
+    varlen = cu_q is not None
     argmax = argmax.contiguous()
     grad_scores = grad_scores.to(torch.float32)  # read through its strides: often an expanded scalar
     out_dtype = torch.float32 if normalize else q.dtype
+    # packed gradients are written token by token of each sequence: rows outside every sequence stay zero
+    alloc = torch.zeros if varlen else torch.empty
+    cu = (cu_q, cu_d) if varlen else (grad_scores, grad_scores)
     dq = dd = None
     with launch_device(q.device):
         if need_dq:
-            dq = torch.empty(P, Qn, Lq, D, dtype=out_dtype, device=q.device)
+            dq = alloc(q.shape, dtype=out_dtype, device=q.device)
             block_n, block_i, block_d = DQ_BLOCKS
             block_i, block_d = min(block_i, _pow2_at_least(Lq)), min(block_d, _pow2_at_least(D))
             n_ib = cdiv(Lq, block_i)
@@ -265,27 +330,27 @@ def maxsim_bwd(
             if dq.numel():
                 _DQ(
                     (P * Qn * n_ib, cdiv(D, block_d)),
-                    (d, argmax, grad_scores, d_inv, dq),
-                    (Qn, Dn, Lq, Ld, D, *d.stride(), *grad_scores.stride(), n_ib),
-                    dict(BLOCK_N=block_n, BLOCK_I=block_i, BLOCK_D=block_d, NORMALIZE=normalize),
+                    (d, argmax, grad_scores, d_inv, dq, *cu),
+                    (Qn, Dn, Lq, Ld, D, *d_strides, *grad_scores.stride(), n_ib),
+                    dict(BLOCK_N=block_n, BLOCK_I=block_i, BLOCK_D=block_d, NORMALIZE=normalize, VARLEN=varlen),
                     4,
                     2,
                 )
             if normalize:
                 dq = normalize_backward(q, dq).to(q.dtype)
         if need_dd:
-            dd = torch.empty(P, Dn, Ld, D, dtype=out_dtype, device=q.device)
-            if dd.numel():
+            dd = alloc(d.shape, dtype=out_dtype, device=q.device)
+            rows = P * Dn * Ld
+            if dd.numel() and rows:
                 q_inv = _inverse_norms(q) if normalize else grad_scores
                 order, token_rows = _entries_by_token(argmax, Qn, Dn, Lq, Ld)
-                rows = P * Dn * Ld
                 block_r, block_t, block_d = DD_BLOCKS
                 block_d = min(block_d, _pow2_at_least(D))
                 _DD_GATHER(
                     (cdiv(rows, block_r), cdiv(D, block_d)),
-                    (q, order, token_rows, grad_scores, q_inv, dd),
-                    (Qn, Dn, Lq, Ld, D, rows, *q.stride(), *grad_scores.stride()),
-                    dict(BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_D=block_d, NORMALIZE=normalize),
+                    (q, order, token_rows, grad_scores, q_inv, dd, *cu),
+                    (Qn, Dn, Lq, Ld, D, rows, *q_strides, *grad_scores.stride()),
+                    dict(BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_D=block_d, NORMALIZE=normalize, VARLEN=varlen),
                     4,
                     2,
                 )

@@ -5,9 +5,9 @@
 with ``validate=False`` can be captured in a CUDA graph. An argmax that was not asked for comes back as an
 empty int32 tensor (a custom op cannot return None).
 
-Autograd keeps the inputs and the int32 argmax only; the backward is ``maxsim::bwd_padded`` (the Triton
-kernels of ``backward.py``) / ``maxsim::bwd_varlen`` (the torch backend's ``backward_varlen``: packed
-sequences have no Triton backward yet).
+Autograd keeps the inputs and the int32 argmax only; the backward is ``maxsim::bwd_padded`` /
+``maxsim::bwd_varlen`` (the Triton kernels of ``backward.py``; listed varlen pairs take the torch backend's
+``backward_varlen``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import torch_backend
-from .backward import maxsim_bwd
+from .backward import maxsim_bwd, maxsim_varlen_bwd
 from .forward import maxsim_fwd
 from .varlen import maxsim_varlen_fwd
 
@@ -139,15 +139,23 @@ def varlen_backward(
     d_ids: Tensor | None,
     argmax: Tensor,
     grad_scores: Tensor,
+    max_ld: int,
     normalize: bool,
     need_dq: bool,
     need_dd: bool,
 ) -> tuple[Tensor, Tensor]:
-    """``(dq, dd)`` like ``q`` / ``d`` (``[0]`` where not needed)."""
-    dq, dd = torch_backend.backward_varlen(
-        q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores,
-        normalize=normalize, need_dq=need_dq, need_dd=need_dd,
-    )  # fmt: skip
+    """``(dq, dd)`` like ``q`` / ``d`` (``[0]`` where not needed): the Triton kernels for all pairs, the torch
+    backend's ``backward_varlen`` for listed pairs."""
+    if q_ids is None:
+        dq, dd = maxsim_varlen_bwd(
+            q, cu_q, d, cu_d, argmax, grad_scores,
+            max_ld=max_ld, normalize=normalize, need_dq=need_dq, need_dd=need_dd,
+        )  # fmt: skip
+    else:
+        dq, dd = torch_backend.backward_varlen(
+            q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores,
+            normalize=normalize, need_dq=need_dq, need_dd=need_dd,
+        )  # fmt: skip
     dq = dq.contiguous() if need_dq else q.new_empty(0)
     dd = dd.contiguous() if need_dd else d.new_empty(0)
     return dq, dd
@@ -157,7 +165,7 @@ bwd_varlen = torch.library.custom_op("maxsim::bwd_varlen", varlen_backward, muta
 
 
 @bwd_varlen.register_fake
-def _(q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores, normalize, need_dq, need_dd):
+def _(q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores, max_ld, normalize, need_dq, need_dd):
     return q.new_empty(q.shape if need_dq else (0,)), d.new_empty(d.shape if need_dd else (0,))
 
 
@@ -177,7 +185,9 @@ def _varlen_autograd_backward(fwd, bwd):
         if argmax.numel() == 0 and grad_scores.numel() != 0:
             argmax = fwd(q, cu_q, d, cu_d, q_ids, d_ids, *ctx.max_seqlens, ctx.normalize, True)[1]
         need_dq, need_dd = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        dq, dd = bwd(q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores, ctx.normalize, need_dq, need_dd)
+        dq, dd = bwd(
+            q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores, ctx.max_seqlens[1], ctx.normalize, need_dq, need_dd
+        )
         return (dq if need_dq else None), None, (dd if need_dd else None), *(None,) * 7
 
     return backward
