@@ -286,6 +286,15 @@ def test_gradients_match_torch_backend(dtype, monkeypatch):
     torch.testing.assert_close(grads[0][0].float(), grads[1][0].float(), rtol=0.05, atol=0.1)
 
 
+def _assert_grads_match(ours: tuple, refs: tuple, dtype: torch.dtype) -> None:
+    """Our gradients in ``dtype`` within its tolerance (relative, at least absolute) of the float64 ones."""
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for grad, ref in zip(ours, refs, strict=True):
+        assert grad.dtype == dtype
+        err = (grad.double() - ref).abs()
+        assert bool((err <= tol * ref.abs().clamp(min=1.0)).all()), f"max error {err.max().item():.3g}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW], ids=dtype_id)
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
 def test_backward_kernels_against_reference(dtype, normalize):
@@ -314,11 +323,7 @@ def test_backward_kernels_against_reference(dtype, normalize):
     won = dn[torch.arange(7, device=CUDA)[None, :, None], argmax.clamp(min=0)]  # [6, 7, 40, D]
     sims = (qn[:, None] * won).sum(-1) * (argmax >= 0)
     ((sims.sum(-1)) * weights.double()).sum().backward()
-    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-    for ours, ref in ((runs[0][0], qr.grad), (runs[0][1], dr.grad)):
-        assert ours.dtype == dtype
-        err = (ours.double() - ref).abs()
-        assert bool((err <= tol * ref.abs().clamp(min=1.0)).all()), f"max error {err.max().item():.3g}"
+    _assert_grads_match(runs[0][:2], (qr.grad, dr.grad), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW], ids=dtype_id)
@@ -350,11 +355,7 @@ def test_varlen_backward_kernels_against_reference(dtype, normalize):
     d_rows = (cu_d[:-1][None, :, None] + argmax)[real]
     weight = weights.double()[:, :, None].expand(argmax.shape)[real]
     ((qn[q_rows] * dn[d_rows]).sum(-1) * weight).sum().backward()
-    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-    for ours, ref in ((runs[0][0], qr.grad), (runs[0][1], dr.grad)):
-        assert ours.dtype == dtype
-        err = (ours.double() - ref).abs()
-        assert bool((err <= tol * ref.abs().clamp(min=1.0)).all()), f"max error {err.max().item():.3g}"
+    _assert_grads_match(runs[0][:2], (qr.grad, dr.grad), dtype)
 
 
 def test_topk_beyond_2_31_elements():
