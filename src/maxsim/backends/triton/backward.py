@@ -1,4 +1,5 @@
-"""Backward kernels of the padded family: ``dq`` and ``dd`` from the forward's int32 argmax.
+"""Backward kernels: ``dq`` and ``dd`` from the forward's int32 argmax, padded groups or all pairs of packed
+(varlen) sequences (``VARLEN``: rows found through ``cu_seqlens``, the argmax padded to the longest).
 
 With ``w = grad_scores[p, qi, n]`` and ``a = argmax[p, qi, n, i]`` (-1: the token takes no part):
 
@@ -11,7 +12,7 @@ With ``w = grad_scores[p, qi, n]`` and ``a = argmax[p, qi, n, i]`` (-1: the toke
   time. The work is proportional to the entries (``P·Qn·Dn·Lq`` rows of ``D``), not to ``Lq·Ld``.
 
 Each output element is summed in one fixed order by one program: the gradients are bitwise deterministic
-(no atomics). With ``normalize`` the kernels return the gradient with respect to the normalized tokens in
+(no atomics). A document token won by many query tokens makes its program walk them all, in order. With ``normalize`` the kernels return the gradient with respect to the normalized tokens in
 float32 (gathered rows scaled by their inverse norms), and ``torch_backend.normalize_backward`` maps it
 back through ``F.normalize``.
 """
