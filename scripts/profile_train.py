@@ -3,7 +3,7 @@
 For each workload (bfloat16) it prints do_bench medians (L2 flushed) of the forward alone, the forward with
 argmax, forward + backward of ``scores.sum()`` (the bench's training method), the backward kernels alone
 from a saved argmax, the host time of one step (wall clock of issuing it, the GPU kept busy), and the
-profiler's table of GPU kernels for a few steps.
+profiler's tables of GPU kernels and of host time for a few steps.
 
     PYTHONPATH=src python scripts/profile_train.py [--workloads InBatchTrain,ColPaliTrain]
 """
@@ -100,11 +100,15 @@ def profile(name: str, nq: int, nd: int, lq: int, ld: int, dim: int = 128, cprof
     print(f"== {name}: Nq={nq} Nd={nd} Lq={lq} Ld={ld} D={dim} bfloat16")
     for label, fn in rows.items():
         print(f"  {label:<16} {do_bench(fn) * 1e3:9.1f} us  (host {_host_us(fn):7.1f} us/call)")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
         for _ in range(5):
             _step(q, d)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+    events = prof.key_averages()
+    print(events.table(sort_by="cuda_time_total", row_limit=12))
+    print("-- host side of the same 5 steps (every thread, the autograd engine's included)")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=25))
     if cprofile:
         for label in ("train step", "backward dd"):
             print(f"-- cProfile of 20 calls of {label} (host)")

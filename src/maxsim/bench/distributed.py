@@ -147,6 +147,8 @@ def run(args: argparse.Namespace) -> dict:
         single, check = _quantiles(single_ms), _check(got, want)
     dist.barrier()
     sharded_q = _quantiles(times.tolist())
+    tokens = sum(t for _, t in sharded.shard_sizes)
+    token_bytes = args.dim * dtype.itemsize + (4 if dtype.itemsize == 1 else 0)
 
     def qps(ms: dict) -> float:
         return args.queries / ms["median"] * 1e3
@@ -162,7 +164,8 @@ def run(args: argparse.Namespace) -> dict:
         "git": system.git_commit(),
         "workload": {
             "docs": args.docs,
-            "tokens": sum(t for _, t in sharded.shard_sizes),
+            "tokens": tokens,
+            "corpus_gb": tokens * token_bytes / 1e9,  # stored tokens and their scales (int8 / e4m3)
             "min_len": args.min_len,
             "max_len": args.max_len,
             "dim": args.dim,
@@ -185,7 +188,7 @@ def summary(results: dict) -> str:
     lines = [
         f"maxsim bench (distributed) | {results['world_size']} ranks, {results['backend']}, {dev.get('name')}"
         " | "
-        f"{w['docs']} documents, {w['tokens']} tokens, D {w['dim']}, {w['dtype']} | "
+        f"{w['docs']} documents, {w['tokens']} tokens ({w['corpus_gb']:.2f} GB), D {w['dim']}, {w['dtype']} | "
         f"{w['queries_per_batch']} queries x {w['query_len']} tokens, k {w['k']}",
         f"method: {results['method']}",
         f"shards (documents, tokens): {results['shards']}",
