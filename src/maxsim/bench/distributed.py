@@ -121,12 +121,22 @@ def run(args: argparse.Namespace) -> dict:
     nccl = dist.get_backend() == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     dtype = getattr(torch, args.dtype)
+    start = time.perf_counter()
+
+    def log(message: str) -> None:  # progress on rank 0's stderr
+        if rank == 0:
+            print(f"[{time.perf_counter() - start:7.1f} s] {message}", file=sys.stderr, flush=True)
+
     sharded = ShardedIndex(args.dim, dtype, device)
     one = Index(args.dim, dtype, device) if rank == 0 and not args.no_check else None
+    built, step = 0, max(args.docs // 10, 1)
     for tokens, cu in _corpus_batches(args, device):
         sharded.add((tokens, cu))
         if one is not None:
             one.add((tokens, cu))
+        built += cu.shape[0] - 1
+        if built // step != (built - cu.shape[0] + 1) // step or built == args.docs:
+            log(f"built {built} / {args.docs} documents")
     qdtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
     g = torch.Generator(device).manual_seed(args.seed + 2)
     shape = (args.queries, args.query_len, args.dim)
@@ -134,6 +144,7 @@ def run(args: argparse.Namespace) -> dict:
         _unit(torch.randn(shape, generator=g, device=device)).to(qdtype)
         for _ in range(args.warmup + args.batches)
     ]
+    log("searching the sharded index")
     sharded_ms, got = _time_batches(
         lambda q: sharded.search(q, args.k), batches, args.warmup, device, dist.barrier
     )
@@ -141,6 +152,7 @@ def run(args: argparse.Namespace) -> dict:
     dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a batch takes as long as its slowest rank
     single, check = None, {"status": "skipped"}
     if one is not None:
+        log("searching one index on rank 0")
         single_ms, want = _time_batches(
             lambda q: one.search(q, args.k), batches, args.warmup, device, lambda: None
         )

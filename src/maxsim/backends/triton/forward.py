@@ -29,7 +29,7 @@ from .launch import Launcher
 
 EPS = 1e-12
 INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
-BIG = 2**30  # "no index" inside a tile reduction
+BIG: tl.constexpr = tl.constexpr(2**30)  # "no index" inside a tile reduction
 POISON = False  # tests: fill every output and buffer with NaN / -7 before a launch, so a missed tile fails
 MASKED_QUERY = -2  # partial argmax of a query token that takes no part (combined to -1, score 0)
 
@@ -157,11 +157,15 @@ def _doc_best(
         else:  # one cross-lane reduction per tile: fewer live registers (the FLOP-bound tiles)
             sim = tl.where(real[None, :], acc, float("-inf"))
             tile_max = _row_nanmax(sim)
-            if ARGMAX:
+            if ARGMAX:  # as few operations per similarity as can be: they cost as much as the dot
+                real_offs = tl.where(real, offs, BIG)  # per column: a masked token never wins
+                # without a NaN in its row, sim >= tile_max holds exactly where sim is the row's maximum
+                tile_idx = tl.min(tl.where(sim >= tile_max[:, None], real_offs[None, :], BIG), 1)
                 tile_nan = tile_max != tile_max
-                hit = real[None, :] & ((sim == tile_max[:, None]) | ((sim != sim) & tile_nan[:, None]))
-                tile_idx = tl.min(tl.where(hit, offs[None, :], 2**30), 1)
-                take = (tile_idx < 2**30) & ((best_idx < 0) | (tile_max > best) | (tile_nan & (best == best)))
+                if tl.max(tile_nan.to(tl.int32), 0) > 0:  # rare: a NaN row takes its first NaN
+                    first_nan = tl.min(tl.where(sim != sim, real_offs[None, :], BIG), 1)
+                    tile_idx = tl.where(tile_nan, first_nan, tile_idx)
+                take = (tile_idx < BIG) & ((best_idx < 0) | (tile_max > best) | (tile_nan & (best == best)))
                 best = tl.where(take, tile_max, best)
                 best_idx = tl.where(take, tile_idx, best_idx)
             else:
@@ -171,8 +175,8 @@ def _doc_best(
         if ARGMAX:
             best_nan = best != best
             hit = (run_idx >= 0) & ((run == best[:, None]) | ((run != run) & best_nan[:, None]))
-            first = tl.min(tl.where(hit, run_idx, 2**30), 1)
-            best_idx = tl.where(first < 2**30, first, -1)
+            first = tl.min(tl.where(hit, run_idx, BIG), 1)
+            best_idx = tl.where(first < BIG, first, -1)
     return best, best_idx
 
 
