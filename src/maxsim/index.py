@@ -103,14 +103,32 @@ class Index:
         self.dim = dim
         self.dtype = dtype
         device = torch.device(device)
-        self.tokens = torch.empty(0, dim, dtype=dtype, device=device)
-        self.scales = torch.empty(0, dtype=torch.float32, device=device) if dtype in QUANT_MAX else None
+        self._set_storage(
+            torch.empty(0, dim, dtype=dtype, device=device),
+            torch.empty(0, dtype=torch.float32, device=device) if dtype in QUANT_MAX else None,
+        )
         self.offsets = torch.zeros(1, dtype=torch.int64, device=device)
         self.ids = torch.empty(0, dtype=torch.int64, device=device)
         self._lengths: list[int] = []  # host copy of the document lengths (chunking needs no sync)
 
     def __len__(self) -> int:
         return self.ids.shape[0]
+
+    # ``tokens`` and ``scales`` are the first rows of buffers that ``add`` grows by at least a quarter at a
+    # time, so adding a corpus in many small batches copies it a few times, not once per batch.
+    @property
+    def tokens(self) -> torch.Tensor:
+        """The stored tokens ``[T, D]`` in the storage dtype, packed by ``offsets``."""
+        return self._token_buf[: self._n_tokens]
+
+    @property
+    def scales(self) -> torch.Tensor | None:
+        """float32 ``[T]``: each stored token's scale (int8 / float8_e4m3fn storage), else None."""
+        return None if self._scale_buf is None else self._scale_buf[: self._n_tokens]
+
+    def _set_storage(self, tokens: torch.Tensor, scales: torch.Tensor | None) -> None:
+        """Hold exactly ``tokens`` ``[T, D]`` and ``scales`` ``[T]`` (or None): no spare room."""
+        self._token_buf, self._scale_buf, self._n_tokens = tokens, scales, tokens.shape[0]
 
     @property
     def device(self) -> torch.device:
@@ -136,9 +154,11 @@ class Index:
         if new_ids.unique().numel() != n or bool(torch.isin(new_ids, self.ids.cpu()).any()):
             raise ValueError("ids must be unique: a document with one of these ids is already in the index")
         stored, scales = quantize(tokens.to(self.device), self.dtype)
-        self.tokens = torch.cat([self.tokens, stored])
+        used = self._n_tokens
+        self._token_buf = _append(self._token_buf, used, stored)
         if scales is not None:
-            self.scales = torch.cat([self.scales, scales])
+            self._scale_buf = _append(self._scale_buf, used, scales)
+        self._n_tokens = used + stored.shape[0]
         ends = self.offsets[-1] + torch.tensor(lengths, dtype=torch.int64, device=self.device).cumsum(0)
         self.offsets = torch.cat([self.offsets, ends])
         in_order = len(self) == 0 or int(new_ids.min()) > int(self.ids.max())
@@ -157,9 +177,7 @@ class Index:
         total = self.tokens.shape[0]
         shift = torch.repeat_interleave(old_starts - new_offsets[:-1], lengths, output_size=total)
         gather = torch.arange(total, device=self.device) + shift
-        self.tokens = self.tokens[gather]
-        if self.scales is not None:
-            self.scales = self.scales[gather]
+        self._set_storage(self.tokens[gather], None if self.scales is None else self.scales[gather])
         self.offsets = new_offsets
         self.ids = self.ids[order]
         self._lengths = lengths.tolist()
@@ -197,9 +215,7 @@ class Index:
         keep = ~torch.isin(self.ids, drop)
         lengths = torch.tensor(self._lengths, dtype=torch.int64, device=self.device)
         token_keep = torch.repeat_interleave(keep, lengths, output_size=self.tokens.shape[0])
-        self.tokens = self.tokens[token_keep]
-        if self.scales is not None:
-            self.scales = self.scales[token_keep]
+        self._set_storage(self.tokens[token_keep], None if self.scales is None else self.scales[token_keep])
         kept_lengths = lengths[keep]
         self.offsets = torch.cat([self.offsets[:1], kept_lengths.cumsum(0)])
         self.ids = self.ids[keep]
@@ -301,22 +317,25 @@ class Index:
 
     def to(self, device: torch.device | str) -> Index:
         """Move the index to ``device`` (in place); returns it."""
-        self.tokens = self.tokens.to(device)
-        self.scales = None if self.scales is None else self.scales.to(device)
+        self._set_storage(self.tokens.to(device), None if self.scales is None else self.scales.to(device))
         self.offsets = self.offsets.to(device)
         self.ids = self.ids.to(device)
         return self
 
     def memory(self) -> dict:
-        """Bytes held: ``tokens``, ``scales``, ``offsets``, ``ids``, ``total``, and ``bytes_per_token``."""
+        """Bytes held: ``tokens``, ``scales``, ``offsets``, ``ids``, ``spare`` (room grown ahead for later
+        ``add`` calls), ``total``, and ``bytes_per_token`` (without the spare room)."""
+        held = self._token_buf.numel() * self._token_buf.element_size()
+        held += 0 if self._scale_buf is None else self._scale_buf.numel() * 4
         parts = {
             "tokens": self.tokens.numel() * self.tokens.element_size(),
             "scales": 0 if self.scales is None else self.scales.numel() * 4,
             "offsets": self.offsets.numel() * 8,
             "ids": self.ids.numel() * 8,
         }
-        parts["total"] = sum(parts.values())
-        parts["bytes_per_token"] = parts["total"] / max(self.tokens.shape[0], 1)
+        parts["bytes_per_token"] = sum(parts.values()) / max(self._n_tokens, 1)
+        parts["spare"] = held - parts["tokens"] - parts["scales"]
+        parts["total"] = sum(v for name, v in parts.items() if name != "bytes_per_token")
         return parts
 
     def save(self, path: str | Path) -> None:
@@ -353,10 +372,22 @@ class Index:
         dtype = getattr(torch, meta["dtype"], None)
         index = cls(int(meta["dim"]), dtype)
         _check_loaded(tensors, index, path)
-        index.tokens, index.offsets, index.ids = tensors["tokens"], tensors["offsets"], tensors["ids"]
-        index.scales = tensors.get("scales")
+        index._set_storage(tensors["tokens"], tensors.get("scales"))
+        index.offsets, index.ids = tensors["offsets"], tensors["ids"]
         index._lengths = (index.offsets[1:] - index.offsets[:-1]).tolist()
         return index.to(device)
+
+
+def _append(buffer: torch.Tensor, used: int, rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` written after the first ``used`` rows of ``buffer``; a new buffer, grown by at least a quarter,
+    when it has no room (the caller's rows are copied, never aliased)."""
+    need = used + rows.shape[0]
+    if buffer.shape[0] < need:
+        grown = buffer.new_empty((max(need, used + used // 4), *buffer.shape[1:]))
+        grown[:used] = buffer[:used]
+        buffer = grown
+    buffer[used:need] = rows
+    return buffer
 
 
 def _check_loaded(tensors: dict, index: Index, path) -> None:

@@ -123,9 +123,10 @@ def run(args: argparse.Namespace) -> dict:
     dtype = getattr(torch, args.dtype)
     start = time.perf_counter()
 
-    def log(message: str) -> None:  # progress on rank 0's stderr
+    def log(message: str) -> None:  # progress on rank 0's stderr (with its GPU memory)
         if rank == 0:
-            print(f"[{time.perf_counter() - start:7.1f} s] {message}", file=sys.stderr, flush=True)
+            held = f", {torch.cuda.memory_reserved(device) / 1e9:.1f} GB reserved" if nccl else ""
+            print(f"[{time.perf_counter() - start:7.1f} s] {message}{held}", file=sys.stderr, flush=True)
 
     sharded = ShardedIndex(args.dim, dtype, device)
     one = Index(args.dim, dtype, device) if rank == 0 and not args.no_check else None
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> dict:
     sharded_ms, got = _time_batches(
         lambda q: sharded.search(q, args.k), batches, args.warmup, device, dist.barrier
     )
-    times = torch.tensor(sharded_ms, dtype=torch.float64)
+    times = torch.tensor(sharded_ms, dtype=torch.float64, device=device)  # NCCL reduces CUDA tensors only
     dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a batch takes as long as its slowest rank
     single, check = None, {"status": "skipped"}
     if one is not None:
