@@ -110,6 +110,7 @@ class Index:
         self.offsets = torch.zeros(1, dtype=torch.int64, device=device)
         self.ids = torch.empty(0, dtype=torch.int64, device=device)
         self._lengths: list[int] = []  # host copy of the document lengths (chunking needs no sync)
+        self._host_starts: tuple[list[int], int] | None = None  # see _starts_and_longest
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -164,6 +165,7 @@ class Index:
         in_order = len(self) == 0 or int(new_ids.min()) > int(self.ids.max())
         self.ids = torch.cat([self.ids, new_ids.to(self.device)])
         self._lengths += lengths
+        self._host_starts = None
         if not in_order or bool((new_ids[1:] < new_ids[:-1]).any()):
             self._sort_by_id()
         return new_ids
@@ -181,6 +183,7 @@ class Index:
         self.offsets = new_offsets
         self.ids = self.ids[order]
         self._lengths = lengths.tolist()
+        self._host_starts = None
 
     def _packed(self, docs) -> tuple[torch.Tensor, list[int]]:
         """``docs`` as packed float tokens ``[T, D]`` and a list of lengths, checked."""
@@ -220,6 +223,7 @@ class Index:
         self.offsets = torch.cat([self.offsets[:1], kept_lengths.cumsum(0)])
         self.ids = self.ids[keep]
         self._lengths = kept_lengths.tolist()
+        self._host_starts = None
 
     def search(
         self,
@@ -256,25 +260,30 @@ class Index:
         if len(self) == 0:
             raise ValueError("the index is empty")
         if self.scales is None:
-            queries = q.to(self.dtype)
-            scores, pos = topk(
-                queries, self.tokens, k, q_mask=q_mask, q_lengths=q_lengths, cu_seqlens_d=self.offsets,
-                chunk=chunk, normalize=normalize,
-            )  # fmt: skip
-            return scores, self.ids[pos]
+            return self._search_packed(q.to(self.dtype), k, q_mask, q_lengths, chunk, normalize)
         queries = q.to(torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float16)
         backend = get_backend(self.device)
         if getattr(backend, "_kernels_run_on", lambda x: False)(queries):
-            return self._search_fused(queries, k, q_mask, q_lengths, chunk, normalize)
+            return self._search_packed(queries, k, q_mask, q_lengths, chunk, normalize)
         return self._search_widened(queries, k, q_mask, q_lengths, chunk, normalize)
 
-    def _search_fused(self, queries, k, q_mask, q_lengths, chunk, normalize):
-        """Quantized storage on the Triton backend: codes and scales straight to the varlen kernel."""
+    def _starts_and_longest(self) -> tuple[list[int], int]:
+        """The documents' offsets as a host list and the longest document, kept until the index changes
+        (a list of millions of offsets costs tens of milliseconds to build: not once per search)."""
+        if self._host_starts is None:
+            starts = list(itertools.accumulate(self._lengths, initial=0))
+            self._host_starts = starts, max(self._lengths, default=0)
+        return self._host_starts
+
+    def _search_packed(self, queries, k, q_mask, q_lengths, chunk, normalize):
+        """The stored tokens as a packed corpus, ``maxsim.topk``'s streaming; quantized storage (on the
+        Triton backend) goes with its scales straight to the varlen kernel, which widens the codes."""
         check_k(k, len(self))
         batch, mask = query_batch(queries, q_mask, q_lengths, validate=True)
+        starts, longest = self._starts_and_longest()
         with torch.no_grad():
             score = packed_scorer(
-                batch, mask, self.tokens, self.offsets, max(self._lengths), normalize, d_scales=self.scales
+                batch, mask, self.tokens, self.offsets, longest, normalize, d_scales=self.scales, starts=starts
             )
             scores, pos = stream_topk(score, len(self), batch.shape[0], k, chunk, self.device)
         if queries.dim() == 2:
@@ -288,7 +297,7 @@ class Index:
         check_k(k, n)
         wide = queries.dtype
         single = queries.dim() == 2
-        starts = list(itertools.accumulate(self._lengths, initial=0))
+        starts, _ = self._starts_and_longest()
         bounds, first = [0], 0
         for i in range(1, n + 1):
             if (
@@ -375,6 +384,7 @@ class Index:
         index._set_storage(tensors["tokens"], tensors.get("scales"))
         index.offsets, index.ids = tensors["offsets"], tensors["ids"]
         index._lengths = (index.offsets[1:] - index.offsets[:-1]).tolist()
+        index._host_starts = None
         return index.to(device)
 
 

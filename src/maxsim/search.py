@@ -169,12 +169,13 @@ def _padded_scorer(queries, q_mask, d, d_mask, normalize):
     return score
 
 
-def packed_scorer(queries, q_mask, d, cu_d, longest, normalize, d_scales=None):
+def packed_scorer(queries, q_mask, d, cu_d, longest, normalize, d_scales=None, starts=None):
     """``score(start, stop)`` for a packed corpus: the queries packed once (masked tokens dropped, which
     is what a mask means), each chunk of documents a slice of ``d`` with its own offsets.
 
     ``d_scales``: float32 ``[T]`` for int8/float8_e4m3fn ``d`` (``Index`` storage): the chunks go straight
     to the Triton varlen kernel, which widens the codes in registers (CUDA or the interpreter only).
+    ``starts``: ``cu_d`` as a host list when the caller keeps one (else copied from the device here).
     """
     nq, lq = queries.shape[0], queries.shape[1]
     real = torch.ones(nq, lq, dtype=torch.bool, device=queries.device) if q_mask is None else q_mask
@@ -186,7 +187,8 @@ def packed_scorer(queries, q_mask, d, cu_d, longest, normalize, d_scales=None):
     cu_q_nonempty = torch.cat([cu_q[:1], cu_q[1:][has_tokens]])
     kept = has_tokens.nonzero()[:, 0]
     offsets = cu_d.to(torch.int64)
-    starts = offsets.tolist()  # one device->host copy of the offsets, then every chunk slices on the host
+    if starts is None:  # one device->host copy of the offsets, then every chunk slices on the host
+        starts = offsets.tolist()
     if longest is None:
         longest = max(b - a for a, b in zip(starts[:-1], starts[1:], strict=True))
 
