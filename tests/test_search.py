@@ -45,7 +45,8 @@ def test_exact_ids_and_scores_with_ties(corpus, chunk):
         scores, ids = maxsim.topk(q, d, 10, d_lengths=lengths, chunk=chunk)
     else:
         tokens, cu = pack(d, lengths)
-        scores, ids = maxsim.topk(q, tokens, 10, cu_seqlens_d=cu, chunk=chunk)
+        # validate=False: the longest document is found on the device, not by the checks
+        scores, ids = maxsim.topk(q, tokens, 10, cu_seqlens_d=cu, chunk=chunk, validate=chunk != 3)
     assert scores.dtype == torch.float32 and ids.dtype == torch.int64 and ids.shape == (4, 10)
     assert torch.equal(scores.double(), ref_scores)
     assert torch.equal(ids, ref_ids)

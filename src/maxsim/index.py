@@ -26,7 +26,7 @@ import torch
 
 from . import validate as check
 from .backends import get_backend
-from .search import check_k, merge_topk, packed_scorer, query_batch, stream_topk, topk
+from .search import check_k, chunk_step, merge_topk, packed_scorer, query_batch, stream_topk, topk
 
 STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.int8)
 QUANT_MAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
@@ -282,9 +282,11 @@ class Index:
         batch, mask = query_batch(queries, q_mask, q_lengths, validate=True)
         starts, longest = self._starts_and_longest()
         with torch.no_grad():
+            step = chunk_step(batch.shape[0], chunk)
             score = packed_scorer(
-                batch, mask, self.tokens, self.offsets, longest, normalize, d_scales=self.scales, starts=starts
-            )
+                batch, mask, self.tokens, self.offsets, longest, normalize, step,
+                d_scales=self.scales, starts=starts,
+            )  # fmt: skip
             scores, pos = stream_topk(score, len(self), batch.shape[0], k, chunk, self.device)
         if queries.dim() == 2:
             scores, pos = scores[0], pos[0]

@@ -122,7 +122,8 @@ def topk(
         d_mask = check.token_mask(d, d_mask, d_lengths, "d", check_values=validate, require_real=True)
     with torch.no_grad():
         if packed:
-            score_chunk = packed_scorer(queries, q_mask, d, cu_seqlens_d, longest, normalize)
+            step = chunk_step(queries.shape[0], chunk)
+            score_chunk = packed_scorer(queries, q_mask, d, cu_seqlens_d, longest, normalize, step)
         else:
             score_chunk = _padded_scorer(queries, q_mask, d, d_mask, normalize)
         best_scores, best_ids = stream_topk(score_chunk, n, queries.shape[0], k, chunk, q.device)
@@ -142,10 +143,16 @@ def query_batch(q, q_mask, q_lengths, validate: bool) -> tuple[torch.Tensor, tor
     )
 
 
+def chunk_step(nq: int, chunk: int | None) -> int:
+    """Documents per chunk for ``nq`` queries: ``chunk``, or as many as ``CHUNK_SCORES`` scores allow."""
+    return chunk if chunk is not None else max(1, CHUNK_SCORES // max(nq, 1))
+
+
 def stream_topk(score_chunk, n: int, nq: int, k: int, chunk: int | None, device: torch.device):
-    """Running top-k over documents ``[0, n)`` scored ``chunk`` at a time by ``score_chunk(start, stop)``
-    (float32 ``[Nq, stop - start]``): float32 scores and int64 positions ``[Nq, k]``."""
-    step = chunk if chunk is not None else max(1, CHUNK_SCORES // max(nq, 1))
+    """Running top-k over documents ``[0, n)`` scored ``chunk_step(nq, chunk)`` at a time by
+    ``score_chunk(start, stop)`` (float32 ``[Nq, stop - start]``): float32 scores and int64 positions
+    ``[Nq, k]``."""
+    step = chunk_step(nq, chunk)
     best_scores = torch.empty(nq, 0, dtype=torch.float32, device=device)
     best_ids = torch.empty(nq, 0, dtype=torch.int64, device=device)
     for start in range(0, n, step):
@@ -169,13 +176,16 @@ def _padded_scorer(queries, q_mask, d, d_mask, normalize):
     return score
 
 
-def packed_scorer(queries, q_mask, d, cu_d, longest, normalize, d_scales=None, starts=None):
-    """``score(start, stop)`` for a packed corpus: the queries packed once (masked tokens dropped, which
-    is what a mask means), each chunk of documents a slice of ``d`` with its own offsets.
+def packed_scorer(queries, q_mask, d, cu_d, longest, normalize, step, d_scales=None, starts=None):
+    """``score(start, stop)`` for a packed corpus, for the chunks of ``stream_topk`` (``step`` documents
+    each): the queries packed once (masked tokens dropped, which is what a mask means), each chunk of
+    documents a slice of ``d`` with its own offsets.
 
+    ``longest``: the longest document, or None (found on the device here).
     ``d_scales``: float32 ``[T]`` for int8/float8_e4m3fn ``d`` (``Index`` storage): the chunks go straight
     to the Triton varlen kernel, which widens the codes in registers (CUDA or the interpreter only).
-    ``starts``: ``cu_d`` as a host list when the caller keeps one (else copied from the device here).
+    ``starts``: ``cu_d`` as a host list when the caller keeps one; else only the chunks' boundaries are
+    copied from the device (one small copy, not the whole ``cu_d``).
     """
     nq, lq = queries.shape[0], queries.shape[1]
     real = torch.ones(nq, lq, dtype=torch.bool, device=queries.device) if q_mask is None else q_mask
@@ -187,10 +197,12 @@ def packed_scorer(queries, q_mask, d, cu_d, longest, normalize, d_scales=None, s
     cu_q_nonempty = torch.cat([cu_q[:1], cu_q[1:][has_tokens]])
     kept = has_tokens.nonzero()[:, 0]
     offsets = cu_d.to(torch.int64)
-    if starts is None:  # one device->host copy of the offsets, then every chunk slices on the host
-        starts = offsets.tolist()
+    if starts is None:  # the token offsets of the chunks' boundaries, in one copy to the host
+        n = offsets.shape[0] - 1
+        marks = [*range(0, n, step), n]
+        starts = dict(zip(marks, offsets[marks].tolist(), strict=True))
     if longest is None:
-        longest = max(b - a for a, b in zip(starts[:-1], starts[1:], strict=True))
+        longest = int((offsets[1:] - offsets[:-1]).max())
 
     def score(start: int, stop: int) -> torch.Tensor:
         out = torch.zeros(nq, stop - start, dtype=torch.float32, device=queries.device)
