@@ -188,14 +188,19 @@ def packed_scorer(queries, q_mask, d, cu_d, longest, normalize, step, d_scales=N
     copied from the device (one small copy, not the whole ``cu_d``).
     """
     nq, lq = queries.shape[0], queries.shape[1]
-    real = torch.ones(nq, lq, dtype=torch.bool, device=queries.device) if q_mask is None else q_mask
-    counts = real.sum(dim=1)
-    has_tokens = counts > 0  # a query without a real token scores 0 everywhere
-    cu_q = torch.zeros(nq + 1, dtype=torch.int64, device=queries.device)
-    cu_q[1:] = counts.cumsum(0)
-    q_packed = queries[real]
-    cu_q_nonempty = torch.cat([cu_q[:1], cu_q[1:][has_tokens]])
-    kept = has_tokens.nonzero()[:, 0]
+    device = queries.device
+    if q_mask is None:  # every token real: the queries as they are, nothing read back from the device
+        q_packed = queries.reshape(nq * lq, queries.shape[2])
+        cu_q_nonempty = torch.arange(0, (nq + 1) * lq, lq, dtype=torch.int64, device=device)
+        kept = None  # every query
+    else:
+        counts = q_mask.sum(dim=1)
+        has_tokens = counts > 0  # a query without a real token scores 0 everywhere
+        cu_q = torch.zeros(nq + 1, dtype=torch.int64, device=device)
+        cu_q[1:] = counts.cumsum(0)
+        q_packed = queries[q_mask]
+        cu_q_nonempty = torch.cat([cu_q[:1], cu_q[1:][has_tokens]])
+        kept = has_tokens.nonzero()[:, 0]
     offsets = cu_d.to(torch.int64)
     if starts is None:  # the token offsets of the chunks' boundaries, in one copy to the host
         n = offsets.shape[0] - 1
@@ -204,23 +209,26 @@ def packed_scorer(queries, q_mask, d, cu_d, longest, normalize, step, d_scales=N
     if longest is None:
         longest = int((offsets[1:] - offsets[:-1]).max())
 
-    def score(start: int, stop: int) -> torch.Tensor:
-        out = torch.zeros(nq, stop - start, dtype=torch.float32, device=queries.device)
-        if kept.numel() == 0:
-            return out
+    def score_kept(start: int, stop: int) -> torch.Tensor:  # [queries with a real token, stop - start]
         t0, t1 = starts[start], starts[stop]
         if d_scales is None:
-            out[kept] = maxsim_varlen(
+            return maxsim_varlen(
                 q_packed, cu_q_nonempty, d[t0:t1], offsets[start : stop + 1] - t0,
                 max_seqlen_q=lq, max_seqlen_d=longest, normalize=normalize, validate=False,
             )  # fmt: skip
-        else:
-            from .backends.triton.varlen import maxsim_varlen_fwd
+        from .backends.triton.varlen import maxsim_varlen_fwd
 
-            out[kept] = maxsim_varlen_fwd(
-                q_packed, cu_q_nonempty, d[t0:t1], offsets[start : stop + 1] - t0, None, None,
-                max_lq=lq, max_ld=longest, normalize=normalize, return_argmax=False, d_scales=d_scales[t0:t1],
-            )[0]  # fmt: skip
+        return maxsim_varlen_fwd(
+            q_packed, cu_q_nonempty, d[t0:t1], offsets[start : stop + 1] - t0, None, None,
+            max_lq=lq, max_ld=longest, normalize=normalize, return_argmax=False, d_scales=d_scales[t0:t1],
+        )[0]  # fmt: skip
+
+    def score(start: int, stop: int) -> torch.Tensor:
+        if kept is None:
+            return score_kept(start, stop)
+        out = torch.zeros(nq, stop - start, dtype=torch.float32, device=device)
+        if kept.numel():
+            out[kept] = score_kept(start, stop)
         return out
 
     return score
