@@ -225,4 +225,6 @@ def test_bench_smoke_run(tmp_path):
     assert results["backend"] == "gloo" and results["check"]["status"] == "ok"
     assert results["check"]["ids_match"] == 1.0 and results["sharded"]["ms"]["n"] == 3
     assert sum(docs for docs, _ in results["shards"]) == 64 and results["sharded"]["queries_per_s"] > 0
+    workload = results["workload"]
+    assert workload["corpus_gb"] == workload["tokens"] * 32 * 2 / 1e9  # D 32, float16
     assert "queries/s" in bench_distributed.summary(results)
