@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import ShardedIndex
-from ..index import Index
+from ..index import QUANT_MAX, Index
 from . import report, system
 from .runner import _quantiles
 
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> dict:
     dist.barrier()
     sharded_q = _quantiles(times.tolist())
     tokens = sum(t for _, t in sharded.shard_sizes)
-    token_bytes = args.dim * dtype.itemsize + (4 if dtype.itemsize == 1 else 0)
+    token_bytes = args.dim * dtype.itemsize + (4 if dtype in QUANT_MAX else 0)  # a float32 scale per token
 
     def qps(ms: dict) -> float:
         return args.queries / ms["median"] * 1e3
