@@ -16,6 +16,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from maxsim.backends import cpu_kernel
+
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 CPU_BLOCK_BYTES = 16 * 2**20  # L3-sized: fewer parallel regions, which also keeps it fast on a busy machine
 NORMALIZE_EPS = 1e-12
@@ -122,6 +124,8 @@ def forward_padded(
         scores float32 (float64 for float64 inputs) ``[P, Qn, Dn]`` and int32 argmax ``[P, Qn, Dn, Lq]``
         (-1 for masked query tokens) or None.
     """
+    if cpu_kernel.applies(q, d):
+        return cpu_kernel.forward_padded(q, d, q_mask, d_mask, normalize=normalize, need_argmax=need_argmax)
     P, Qn, Lq, D = q.shape
     Dn, Ld = d.shape[1], d.shape[2]
     dtype = _compute_dtype(q.dtype)
@@ -337,6 +341,11 @@ def forward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq, max_ld, normalize,
     gather_limit = _similarity_block_bytes(q.device, budget) // (4 if q.device.type == "cpu" else 1)
     copies_d = normalize or d.dtype != _compute_dtype(d.dtype)  # a packed block is then copied too
     similarity_rows = _similarity_block_bytes(q.device, budget) // ((q.shape[0] + copies_d * D) * item)
+    if q_ids is None and cpu_kernel.applies(q, d):
+        q_padded, q_mask = _padded_sequences(q, cu_q, torch.arange(cu_q.shape[0] - 1), max_lq)
+        return cpu_kernel.forward_varlen_all_pairs(
+            q_padded, q_mask, d, cu_d, max_ld=max_ld, normalize=normalize, need_argmax=need_argmax
+        )
     if q_ids is None and not need_argmax and q.device.type == "cpu" and max_ld <= similarity_rows:
         return _all_pairs_scores_packed(q, cu_q, d, cu_d, normalize=normalize, rows=similarity_rows), None
     if q_ids is None:  # all pairs: every query against blocks of padded documents

@@ -1,0 +1,277 @@
+/* MaxSim scores on x86-64 CPUs with AVX2 and FMA: float32 in, float32 scores and optionally the int32 argmax.
+ *
+ * The query tokens come packed in columns of 16 lanes, [P, Qn, G, D, 16] (lane = query token), so one
+ * step over the embedding axis k is two vector loads of the queries, one broadcast of each document
+ * token's k-th value and two fused multiply-adds per document token: a tile of 6 document tokens by 16
+ * query tokens holds 12 accumulators, as a GEMM micro-kernel does. Each tile's similarities are folded into
+ * the query tokens' running maxima at once: nothing of size Lq x Ld is ever stored.
+ *
+ * Documents are given by the element offset of their first token, their length and one token stride
+ * (padded batches and packed sequences alike), with an optional byte mask (1 = real token). Work is split
+ * over (group, document) items between POSIX threads; the Python caller holds no lock meanwhile.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <immintrin.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define LANES 16 /* query tokens per column group: two 8-float vectors */
+#define ROWS 6   /* document tokens per tile */
+#define PREFETCH_ROWS (2 * ROWS)
+#define MAX_THREADS 256
+#define NORMALIZE_EPS 1e-12f
+
+typedef struct {
+    const float *q_columns;  /* [P, Qn, G, D, LANES] */
+    const uint8_t *q_real;   /* [P, Qn, G * LANES], 1 = a real query token */
+    int64_t P, Qn, G, D, Dn; /* groups, queries and documents per group, lane groups, embedding size */
+    const float *d;          /* document tokens, each contiguous over D */
+    const int64_t *d_start;  /* [P * Dn] element offset of each document's first token */
+    const int64_t *d_len;    /* [P * Dn] tokens of each document */
+    int64_t d_token_stride;
+    const uint8_t *d_mask;   /* NULL, or a byte per token: mask_start[item] + t * mask_stride */
+    const int64_t *mask_start;
+    int64_t mask_stride;
+    int64_t max_len; /* the longest document */
+    int normalize;   /* divide each similarity by its document token's norm (queries come normalized) */
+    int64_t Lq;      /* query tokens: the argmax's last axis */
+    float *out;      /* [P, Qn, Dn] */
+    int32_t *argmax; /* NULL, or [P, Qn, Dn, Lq]: the first winning token, -1 where no real token won */
+    int64_t first, last; /* this worker's items p * Dn + n */
+    int failed;
+} Job;
+
+#define AVX2 __attribute__((target("avx2,fma")))
+#define INLINE static inline __attribute__((always_inline))
+
+/* Similarities of R document tokens (rows, the first at index t) and one column group of 16 query tokens,
+ * folded into the group's running maxima (best), NaN flags (nan) and, with ARGMAX, winning indices (index:
+ * the first real token while none is larger, then the first strictly larger, the first NaN for good); rows
+ * that are masked out take no part. */
+INLINE AVX2 void tile(const int R, const int ARGMAX, const float *const *rows, int64_t t,
+                      const float *inverse_norm, const uint8_t *real, const float *columns, int64_t D,
+                      float *best, float *nan, int32_t *index)
+{
+    __m256 acc[ROWS][2];
+#pragma GCC unroll 6
+    for (int r = 0; r < R; r++) {
+        acc[r][0] = _mm256_setzero_ps();
+        acc[r][1] = _mm256_setzero_ps();
+    }
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < D; k++) {
+        const __m256 c0 = _mm256_loadu_ps(columns + k * LANES);
+        const __m256 c1 = _mm256_loadu_ps(columns + k * LANES + 8);
+#pragma GCC unroll 6
+        for (int r = 0; r < R; r++) {
+            const __m256 b = _mm256_broadcast_ss(rows[r] + k);
+            acc[r][0] = _mm256_fmadd_ps(b, c0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(b, c1, acc[r][1]);
+        }
+    }
+    __m256 best0 = _mm256_loadu_ps(best), best1 = _mm256_loadu_ps(best + 8);
+    __m256 nan0 = _mm256_loadu_ps(nan), nan1 = _mm256_loadu_ps(nan + 8);
+    __m256 index0 = _mm256_setzero_ps(), index1 = _mm256_setzero_ps(); /* int32 bits */
+    if (ARGMAX) {
+        index0 = _mm256_loadu_ps((const float *)index);
+        index1 = _mm256_loadu_ps((const float *)index + 8);
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < R; r++) {
+        if (!real[r])
+            continue;
+        const __m256 scale = _mm256_set1_ps(inverse_norm[r]);
+        const __m256 s0 = _mm256_mul_ps(acc[r][0], scale), s1 = _mm256_mul_ps(acc[r][1], scale);
+        const __m256 is_nan0 = _mm256_cmp_ps(s0, s0, _CMP_UNORD_Q), is_nan1 = _mm256_cmp_ps(s1, s1, _CMP_UNORD_Q);
+        if (ARGMAX) {
+            const __m256i none = _mm256_set1_epi32(-1);
+            const __m256 here = _mm256_castsi256_ps(_mm256_set1_epi32((int32_t)(t + r)));
+            const __m256 unset0 = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_castps_si256(index0), none));
+            const __m256 unset1 = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_castps_si256(index1), none));
+            const __m256 wins0 = _mm256_or_ps(_mm256_or_ps(_mm256_cmp_ps(s0, best0, _CMP_GT_OQ), is_nan0), unset0);
+            const __m256 wins1 = _mm256_or_ps(_mm256_or_ps(_mm256_cmp_ps(s1, best1, _CMP_GT_OQ), is_nan1), unset1);
+            index0 = _mm256_blendv_ps(index0, here, _mm256_andnot_ps(nan0, wins0));
+            index1 = _mm256_blendv_ps(index1, here, _mm256_andnot_ps(nan1, wins1));
+        }
+        nan0 = _mm256_or_ps(nan0, is_nan0);
+        nan1 = _mm256_or_ps(nan1, is_nan1);
+        best0 = _mm256_max_ps(best0, s0);
+        best1 = _mm256_max_ps(best1, s1);
+    }
+    if (ARGMAX) {
+        _mm256_storeu_ps((float *)index, index0);
+        _mm256_storeu_ps((float *)index + 8, index1);
+    }
+    _mm256_storeu_ps(best, best0);
+    _mm256_storeu_ps(best + 8, best1);
+    _mm256_storeu_ps(nan, nan0);
+    _mm256_storeu_ps(nan + 8, nan1);
+}
+
+/* Scores (and argmax) of every query of group p against document item (p, n); best, nan: G * LANES floats,
+ * index: G * LANES int32, inverse_norm, real: max_len each. */
+static AVX2 void score_document(const Job *job, int64_t item, float *best, float *nan, int32_t *index,
+                                float *inverse_norm, uint8_t *real)
+{
+    const int64_t p = item / job->Dn, n = item % job->Dn, D = job->D, G = job->G;
+    const int64_t len = job->d_len[item], stride = job->d_token_stride;
+    const float *doc = job->d + job->d_start[item];
+    for (int64_t t = 0; t < len; t++) {
+        real[t] = job->d_mask == NULL || job->d_mask[job->mask_start[item] + t * job->mask_stride];
+        inverse_norm[t] = 1.0f;
+        if (job->normalize) {
+            float squares = 0.0f;
+            for (int64_t k = 0; k < D; k++)
+                squares += doc[t * stride + k] * doc[t * stride + k];
+            inverse_norm[t] = 1.0f / fmaxf(sqrtf(squares), NORMALIZE_EPS);
+        }
+    }
+    for (int64_t i = 0; i < job->Qn; i++) {
+        const int64_t query = p * job->Qn + i;
+        for (int64_t lane = 0; lane < G * LANES; lane++) {
+            best[lane] = -INFINITY;
+            nan[lane] = 0.0f;
+            index[lane] = -1;
+        }
+        for (int64_t t = 0; t < len; t += ROWS) {
+            const int R = len - t < ROWS ? (int)(len - t) : ROWS;
+            const float *rows[ROWS];
+            for (int r = 0; r < R; r++)
+                rows[r] = doc + (t + r) * stride;
+            /* the tile after next: the hardware prefetchers miss 6 row streams that far apart (prefetches
+             * beyond the document are harmless: they never fault) */
+            for (int r = 0; r < ROWS; r++)
+                for (int64_t k = 0; k < D; k += 64 / sizeof(float))
+                    _mm_prefetch((const char *)(doc + (t + PREFETCH_ROWS + r) * stride + k), _MM_HINT_T0);
+            for (int64_t g = 0; g < G; g++) {
+                const float *columns = job->q_columns + (query * G + g) * D * LANES;
+                float *b = best + g * LANES, *f = nan + g * LANES;
+                int32_t *x = index + g * LANES;
+/* one specialised, fully unrolled tile per row count and argmax flag */
+#define TILE(rows_, argmax_) tile(rows_, argmax_, rows, t, inverse_norm + t, real + t, columns, D, b, f, x)
+#define TILES(argmax_)                                                                                      \
+    switch (R) {                                                                                            \
+    case 6: TILE(6, argmax_); break;                                                                        \
+    case 5: TILE(5, argmax_); break;                                                                        \
+    case 4: TILE(4, argmax_); break;                                                                        \
+    case 3: TILE(3, argmax_); break;                                                                        \
+    case 2: TILE(2, argmax_); break;                                                                        \
+    default: TILE(1, argmax_); break;                                                                       \
+    }
+                if (job->argmax != NULL) {
+                    TILES(1)
+                } else {
+                    TILES(0)
+                }
+#undef TILES
+#undef TILE
+            }
+        }
+        const uint8_t *q_real = job->q_real + query * G * LANES;
+        double score = 0.0;
+        for (int64_t lane = 0; lane < G * LANES; lane++) {
+            if (q_real[lane])
+                score += nan[lane] != 0.0f ? NAN : (double)best[lane];
+        }
+        job->out[query * job->Dn + n] = (float)score;
+        if (job->argmax != NULL) {
+            int32_t *argmax = job->argmax + (query * job->Dn + n) * job->Lq;
+            for (int64_t lane = 0; lane < job->Lq; lane++)
+                argmax[lane] = q_real[lane] ? index[lane] : -1;
+        }
+    }
+}
+
+static void *run_job(void *arg)
+{
+    Job *job = (Job *)arg;
+    const int64_t lanes = job->G * LANES;
+    float *best = malloc(sizeof(float) * lanes * 2);
+    int32_t *index = malloc(sizeof(int32_t) * lanes);
+    float *inverse_norm = malloc(sizeof(float) * (job->max_len + 1));
+    uint8_t *real = malloc(job->max_len + 1);
+    if (best == NULL || index == NULL || inverse_norm == NULL || real == NULL) {
+        job->failed = 1;
+    } else {
+        for (int64_t item = job->first; item < job->last; item++)
+            score_document(job, item, best, best + lanes, index, inverse_norm, real);
+    }
+    free(best);
+    free(index);
+    free(inverse_norm);
+    free(real);
+    return NULL;
+}
+
+static PyObject *supported(PyObject *self, PyObject *args)
+{
+    __builtin_cpu_init();
+    return PyBool_FromLong(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
+}
+
+/* score(q_columns, q_real, P, Qn, G, D, Dn, d, d_start, d_len, d_token_stride, d_mask, mask_start,
+ *       mask_stride, max_len, normalize, Lq, out, argmax, threads): addresses as integers (0 = no mask,
+ *       no argmax). */
+static PyObject *score(PyObject *self, PyObject *args)
+{
+    unsigned long long q_columns, q_real, d, d_start, d_len, d_mask, mask_start, out;
+    unsigned long long argmax;
+    long long P, Qn, G, D, Dn, d_token_stride, mask_stride, max_len, Lq;
+    int normalize, threads;
+    if (!PyArg_ParseTuple(args, "KKLLLLLKKKLKKLLpLKKi", &q_columns, &q_real, &P, &Qn, &G, &D, &Dn, &d, &d_start,
+                          &d_len, &d_token_stride, &d_mask, &mask_start, &mask_stride, &max_len, &normalize, &Lq,
+                          &out, &argmax, &threads))
+        return NULL;
+    const int64_t items = P * Dn;
+    if (threads < 1)
+        threads = 1;
+    if (threads > MAX_THREADS)
+        threads = MAX_THREADS;
+    if (threads > items)
+        threads = items > 0 ? (int)items : 1;
+    Job jobs[MAX_THREADS];
+    pthread_t workers[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (int w = 0; w < threads; w++) {
+        jobs[w] = (Job){
+            .q_columns = (const float *)q_columns, .q_real = (const uint8_t *)q_real,
+            .P = P, .Qn = Qn, .G = G, .D = D, .Dn = Dn,
+            .d = (const float *)d, .d_start = (const int64_t *)d_start, .d_len = (const int64_t *)d_len,
+            .d_token_stride = d_token_stride, .d_mask = (const uint8_t *)d_mask,
+            .mask_start = (const int64_t *)mask_start, .mask_stride = mask_stride, .max_len = max_len,
+            .normalize = normalize, .Lq = Lq, .out = (float *)out, .argmax = (int32_t *)argmax,
+            .first = items * w / threads, .last = items * (w + 1) / threads, .failed = 0,
+        };
+        /* worker 0 is this thread; the others are started, or run here when a thread cannot start */
+        if (w > 0)
+            started[w] = pthread_create(&workers[w], NULL, run_job, &jobs[w]) == 0;
+    }
+    run_job(&jobs[0]);
+    for (int w = 1; w < threads; w++) {
+        if (started[w])
+            pthread_join(workers[w], NULL);
+        else
+            run_job(&jobs[w]);
+        failed |= jobs[w].failed;
+    }
+    failed |= jobs[0].failed;
+    Py_END_ALLOW_THREADS
+    if (failed)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"supported", supported, METH_NOARGS, "Whether this CPU has AVX2 and FMA."},
+    {"score", score, METH_VARARGS, "MaxSim scores of packed query columns against strided documents."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_kernel", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__cpu_kernel(void) { return PyModule_Create(&module); }
