@@ -1,0 +1,187 @@
+"""The AVX2 CPU kernel (``maxsim/backends/cpu_kernel.c``) against the reference, and against the torch
+backend's matrix-product path (``MAXSIM_CPU_KERNEL=0``): layouts, odd sizes, masks, NaN/inf, ties, threads."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_scores_close, random_tokens
+
+import maxsim
+from maxsim.backends import cpu_kernel
+from maxsim.reference import maxsim_reference, maxsim_varlen_reference
+
+
+def _cpu_has_avx2_fma() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return False
+    flags = set(cpuinfo.read_text().split())
+    return {"avx2", "fma"} <= flags
+
+
+def test_kernel_is_built_where_it_can_run():
+    """On x86-64 Linux with AVX2 (CI) the install must have built the kernel: a silent build failure would
+    leave every float32 CPU call on the slower path and every test below skipped."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not _cpu_has_avx2_fma():
+        pytest.skip("the kernel needs x86-64 with AVX2 and FMA")
+    assert cpu_kernel._cpu_kernel is not None, "maxsim.backends._cpu_kernel was not built (pip install -e .)"
+    assert cpu_kernel.available()
+
+
+needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="the AVX2 CPU kernel is not available here")
+
+
+@pytest.fixture(params=["kernel", "matmul"])
+def cpu_path(request, monkeypatch):
+    """Every test below runs on the kernel and on the torch backend's matrix products."""
+    if request.param == "kernel" and not cpu_kernel.available():
+        pytest.skip("the AVX2 CPU kernel is not available here")
+    monkeypatch.setenv("MAXSIM_CPU_KERNEL", "1" if request.param == "kernel" else "0")
+    monkeypatch.setenv("MAXSIM_BACKEND", "torch")
+    return request.param
+
+
+SHAPES = [  # q batch, d batch, Lq, Ld, D
+    ((), (5,), 1, 1, 1),
+    ((), (7,), 17, 13, 3),
+    ((), (3,), 33, 97, 130),
+    ((4,), (4,), 16, 6, 128),
+    ((2, 1), (2, 5), 7, 7, 64),
+    ((3, 1), (1, 4), 40, 25, 96),
+]
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
+@pytest.mark.parametrize("masks", ["none", "d_mask", "both"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"q{list(s[0])}-d{list(s[1])}-Lq{s[2]}-Ld{s[3]}-D{s[4]}")
+def test_matches_reference(cpu_path, shape, masks, normalize):
+    qb, db, lq, ld, dim = shape
+    g = torch.Generator().manual_seed(lq * 1000 + ld)
+    q = random_tokens((*qb, lq, dim), torch.float32, generator=g)
+    d = random_tokens((*db, ld, dim), torch.float32, generator=g)
+    kwargs = {}
+    if masks != "none":
+        kwargs["d_mask"] = torch.rand((*db, ld), generator=g) < 0.7
+        kwargs["d_mask"][..., ld // 2] = True
+    if masks == "both":
+        kwargs["q_mask"] = torch.rand((*qb, lq), generator=g) < 0.7
+        kwargs["q_mask"][..., 0] = True
+    scores, argmax = maxsim.maxsim(q, d, normalize=normalize, return_argmax=True, **kwargs)
+    ref, ref_argmax = maxsim_reference(q, d, normalize=normalize, **kwargs)
+    assert_scores_close(scores, ref, dtype=torch.float32)
+    assert torch.equal(argmax, ref_argmax)
+    assert torch.equal(maxsim.maxsim(q, d, normalize=normalize, **kwargs), scores)
+
+
+def test_broadcast_corpus_is_read_in_place(cpu_path):
+    """A query against an expanded corpus view (zero batch stride) and a strided token axis."""
+    g = torch.Generator().manual_seed(1)
+    q = random_tokens((3, 1, 20, 64), torch.float32, generator=g)
+    base = random_tokens((1, 6, 40, 64), torch.float32, generator=g)
+    d = base[:, :, ::2].expand(3, 6, 20, 64)  # token stride 128, batch stride 0
+    before = base.clone()
+    scores, argmax = maxsim.maxsim(q, d, return_argmax=True)
+    ref, ref_argmax = maxsim_reference(q, d)
+    assert_scores_close(scores, ref, dtype=torch.float32)
+    assert torch.equal(argmax, ref_argmax)
+    assert torch.equal(base, before)
+
+
+def test_non_contiguous_embedding_axis_falls_back(cpu_path):
+    g = torch.Generator().manual_seed(2)
+    q = random_tokens((9, 32), torch.float32, generator=g)
+    d = random_tokens((4, 32, 11), torch.float32, generator=g).transpose(-1, -2)  # D stride 11
+    assert not cpu_kernel.applies(q, d)
+    assert_scores_close(maxsim.maxsim(q, d), maxsim_reference(q, d)[0], dtype=torch.float32)
+
+
+def test_nan_and_inf(cpu_path):
+    g = torch.Generator().manual_seed(3)
+    q = random_tokens((5, 8), torch.float32, generator=g)
+    d = random_tokens((4, 9, 8), torch.float32, generator=g)
+    d_mask = torch.ones(4, 9, dtype=torch.bool)
+    d[0, 3, 2] = float("nan")  # a real NaN token: NaN score, the first NaN is the argmax
+    d[0, 7, 1] = float("nan")
+    d[1, 4] = float("nan")  # masked out: takes no part
+    d_mask[1, 4] = False
+    d[2, 5, 0] = float("inf")  # +-inf similarities, no NaN
+    q[1, 0] = 0.0
+    scores, argmax = maxsim.maxsim(q, d, d_mask=d_mask, return_argmax=True)
+    ref, ref_argmax = maxsim_reference(q, d, d_mask=d_mask)
+    assert_scores_close(scores, ref, dtype=torch.float32)
+    assert torch.equal(argmax, ref_argmax)
+    assert scores[0].isnan() and not scores[1].isnan()
+
+
+def test_ties_take_the_first_token(cpu_path):
+    g = torch.Generator().manual_seed(4)
+    q = torch.randint(-2, 3, (3, 19, 10), generator=g).float()
+    d = torch.randint(-2, 3, (3, 23, 10), generator=g).float()
+    scores, argmax = maxsim.maxsim(q, d, return_argmax=True)
+    ref, ref_argmax = maxsim_reference(q, d)
+    assert torch.equal(scores, ref.float())
+    assert torch.equal(argmax, ref_argmax)
+
+
+def test_document_without_real_token(cpu_path):
+    """validate=False: a document with no real token scores -inf, its argmax is -1 (the reference's rule)."""
+    g = torch.Generator().manual_seed(5)
+    q = random_tokens((2, 4, 16), torch.float32, generator=g)
+    d = random_tokens((2, 7, 16), torch.float32, generator=g)
+    d_mask = torch.ones(2, 7, dtype=torch.bool)
+    d_mask[1] = False
+    q_mask = torch.tensor([[True, False, True, True], [True, True, False, False]])
+    scores, argmax = maxsim.maxsim(q, d, q_mask=q_mask, d_mask=d_mask, return_argmax=True, validate=False)
+    ref, ref_argmax = maxsim_reference(q, d, q_mask=q_mask, d_mask=d_mask)
+    assert scores[1] == float("-inf") and torch.equal(argmax[1], ref_argmax[1])
+    assert torch.equal(argmax, ref_argmax)
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
+def test_varlen_all_pairs(cpu_path, normalize):
+    g = torch.Generator().manual_seed(6)
+    q_len = torch.tensor([1, 17, 40])
+    d_len = torch.tensor([5, 1, 64, 13, 7])
+    cu_q = torch.cat([torch.zeros(1), q_len.cumsum(0)]).int()
+    cu_d = torch.cat([torch.zeros(1), d_len.cumsum(0)]).int()
+    q = random_tokens((int(q_len.sum()), 33), torch.float32, generator=g)
+    d = random_tokens((int(d_len.sum()), 33), torch.float32, generator=g)
+    scores, argmax = maxsim.maxsim_varlen(q, cu_q, d, cu_d, normalize=normalize, return_argmax=True)
+    ref, ref_argmax = maxsim_varlen_reference(q, cu_q, d, cu_d, normalize=normalize)
+    assert_scores_close(scores, ref, dtype=torch.float32)
+    assert torch.equal(argmax, ref_argmax)
+
+
+@needs_kernel
+def test_threads_give_the_same_bits(monkeypatch):
+    """Work is split over documents, each scored whole by one thread: any thread count, same bits."""
+    monkeypatch.setenv("MAXSIM_BACKEND", "torch")
+    g = torch.Generator().manual_seed(7)
+    q = random_tokens((3, 21, 48), torch.float32, generator=g)
+    d = random_tokens((3, 11, 50, 48), torch.float32, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3, 16):
+            torch.set_num_threads(n)
+            results.append(maxsim.maxsim(q[:, None], d, return_argmax=True))
+    finally:
+        torch.set_num_threads(threads)
+    for scores, argmax in results[1:]:
+        assert torch.equal(scores, results[0][0]) and torch.equal(argmax, results[0][1])
+
+
+@needs_kernel
+def test_float32_cpu_calls_take_the_kernel(monkeypatch):
+    calls = []
+    original = cpu_kernel._run
+    monkeypatch.setattr(cpu_kernel, "_run", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.delenv("MAXSIM_CPU_KERNEL", raising=False)
+    q, d = torch.randn(8, 16), torch.randn(3, 10, 16)
+    maxsim.maxsim(q, d)
+    maxsim.maxsim(q.half(), d.half())  # other dtypes keep the matrix products
+    assert len(calls) == 1
