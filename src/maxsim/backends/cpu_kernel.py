@@ -27,6 +27,17 @@ def available() -> bool:
     return _SUPPORTED and os.environ.get("MAXSIM_CPU_KERNEL", "1") != "0"
 
 
+def status() -> str:
+    """A line for ``maxsim info``: whether float32 CPU calls take the kernel, and why not."""
+    if _cpu_kernel is None:
+        return "not built (no C compiler at install, or not x86-64): matrix products"
+    if not _SUPPORTED:
+        return "this CPU lacks AVX2/FMA: matrix products"
+    if not available():
+        return "off (MAXSIM_CPU_KERNEL=0): matrix products"
+    return "on for float32"
+
+
 def applies(q: torch.Tensor, d: torch.Tensor) -> bool:
     """Whether a call on ``q``, ``d`` can take the kernel: float32 CPU tensors, ``d``'s tokens contiguous."""
     return (

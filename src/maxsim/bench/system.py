@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..backends import cpu_kernel
 from .baselines import default_backend, device_backend, package_version, peer_versions
 
 
@@ -50,6 +51,7 @@ def devices() -> list[dict]:
             "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
             "backend": device_backend(torch.device("cpu")),
+            "avx2_kernel": cpu_kernel.status(),
             "backend_now": default_backend(torch.device("cpu")),
         }
     ]
@@ -161,7 +163,7 @@ def info_text() -> str:
     )
     for dev in devices():
         if dev["device"] == "cpu":
-            desc = f"{_cpu_name()}, {dev['threads']} torch threads of {dev['cpu_count']} cores"
+            desc = f"{_cpu_name()}, {dev['threads']} torch threads of {dev['cpu_count']} cores, AVX2 kernel {dev['avx2_kernel']}"
         elif dev["device"].startswith("cuda"):
             kind = "ROCm" if dev.get("hip") else "sm_{}{}".format(*dev["capability"])
             desc = f"{dev['name']}, {kind}, {dev['memory_gib']} GiB, {dev['multiprocessors']} SMs"
