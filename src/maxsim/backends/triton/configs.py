@@ -66,6 +66,9 @@ DEFAULT = FwdConfig()
 # running max measured 560-650 us there). The other rows are educated defaults, not tuned.
 # "rerank" splits only below half a wave: LongDocStress (128 programs) measured 8.5 us unsplit against
 # 9.3 / 10.4 us split in 2 / 3 (graph replays), and one launch instead of two saves ~20 us of host time.
+# "packed" against 6 other candidates on issue 6's search (Index.search, float16, 32 queries of 32 tokens,
+# 100k documents; do_bench, H100, 2026-11-25): 15.8 ms as in the table, 15.9 with 4 warps, 17.2 with
+# block_l 32, 19.2 with 4 stages, 20-27 with block_l 128 or block_q 128.
 # BEGIN TABLE
 TABLE: dict[tuple[str, str], FwdConfig] = {
     ("sm_90", "flops"): FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2, False),

@@ -155,7 +155,11 @@ def _doc_best(
             else:
                 run = _nanmax(run, tl.where(real[None, :], acc, float("-inf")))
         else:  # one cross-lane reduction per tile: fewer live registers (the FLOP-bound tiles)
-            sim = tl.where(real[None, :], acc, float("-inf"))
+            sim = acc  # a whole tile of real tokens (all but a document's last) needs no mask
+            if HAS_DMASK:
+                sim = tl.where(real[None, :], acc, float("-inf"))
+            elif l0 + BLOCK_L > l_hi:
+                sim = tl.where(real[None, :], acc, float("-inf"))
             tile_max = _row_nanmax(sim)
             if ARGMAX:  # as few operations per similarity as can be: they cost as much as the dot
                 real_offs = tl.where(real, offs, BIG)  # per column: a masked token never wins
