@@ -128,6 +128,65 @@ def test_launch_cache_follows_alignment_and_strides():
         check(maxsim.maxsim(q[:, None], d), q[:, None], d)
 
 
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
+def test_prepared_launch_repeats_the_full_path(normalize, monkeypatch):
+    """Repeat unmasked calls take ``forward.PreparedForward`` (bound once per signature): bitwise the
+    results of the full path, for each layout, with and without argmax."""
+    from maxsim import api
+
+    monkeypatch.setattr(api, "_PREPARED", {})
+    q = tokens((8, 32, 128), torch.bfloat16, 60)
+    d = tokens((8, 10, 180, 128), torch.bfloat16, 61)
+    calls = [
+        lambda a: maxsim.maxsim(q[:, None], d, normalize=normalize, return_argmax=a),  # candidates
+        lambda a: maxsim.maxsim(q[0], d[0], normalize=normalize, return_argmax=a),  # one query, a corpus
+        lambda a: maxsim.maxsim(q[:, None], d[None, :, 0], normalize=normalize, return_argmax=a),  # all pairs
+        lambda a: maxsim.maxsim(q, d[:, 0], normalize=normalize, return_argmax=a),  # pairs
+    ]
+    for call in calls:
+        for with_argmax in (False, True):
+            first = call(with_argmax)
+            prepared = [v for v in api._PREPARED.values() if v]
+            again = call(with_argmax)
+            first, again = (first, again) if with_argmax else ((first, None), (again, None))
+            assert torch.equal(again[0], first[0])
+            if with_argmax:
+                assert torch.equal(again[1], first[1])
+            assert prepared, "the first call prepared no launch"
+    scores, argmax = calls[0](True)
+    check(scores, q[:, None], d, argmax=argmax, normalize=normalize)
+    assert any(isinstance(v[1], forward.PreparedForward) for v in api._PREPARED.values() if v)
+
+
+def test_prepared_launch_falls_back(monkeypatch):
+    """A prepared signature called with another alignment, needing gradients, or inside a CUDA graph."""
+    from maxsim import api
+
+    monkeypatch.setattr(api, "_PREPARED", {})
+    q = tokens((4, 32, 128), torch.float16, 62)
+    base = tokens((4 * 6 * 100 * 128 + 1,), torch.float16, 63)
+    aligned, shifted = base[:-1].view(4, 6, 100, 128), base[1:].view(4, 6, 100, 128)
+    for d in (aligned, aligned, shifted, aligned, shifted):
+        check(maxsim.maxsim(q[:, None], d), q[:, None], d)
+    d = aligned.clone().requires_grad_(True)
+    maxsim.maxsim(q[:, None], d).sum().backward()
+    assert d.grad is not None and d.grad.abs().sum() > 0
+    static = aligned.clone()
+    maxsim.maxsim(q[:, None], static)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        maxsim.maxsim(q[:, None], static)
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        out = maxsim.maxsim(q[:, None], static)
+    static.copy_(shifted)
+    graph.replay()
+    torch.cuda.synchronize()
+    check(out, q[:, None], shifted)
+
+
 def test_float32_is_exact_unless_tf32_is_allowed(monkeypatch):
     q = tokens((64, 128), torch.float32, 12) * 10
     d = tokens((50, 300, 128), torch.float32, 13) * 10

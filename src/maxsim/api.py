@@ -16,6 +16,7 @@ pairs ``Qn=Nq, Dn=Nd``: each a few large matrix products rather than many small 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -102,6 +103,34 @@ def _layout(q_batch: tuple, d_batch: tuple, batch: tuple) -> _Layout:
     return _Layout(q_batch, d_batch, batch)
 
 
+# Repeat calls without masks: per signature (shapes, strides, dtypes, devices, flags, forced backend), the
+# layout and the backend's prepared launch (``prepare_padded``), or False where the backend has none. A
+# signature gets here only after a call of it passed every check; such calls read no tensor values.
+_PREPARED: dict = {}
+MAX_PREPARED = 1024
+
+
+def _signature(q, d, normalize, return_argmax) -> tuple | None:
+    """The key of ``_PREPARED`` for a call without masks, or None where it cannot take one."""
+    if (
+        type(q) is not torch.Tensor
+        or type(d) is not torch.Tensor
+        or type(normalize) is not bool
+        or type(return_argmax) is not bool
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    return (
+        q.shape, q.stride(), q.dtype, q.device, d.shape, d.stride(), d.dtype, d.device,
+        normalize, return_argmax, os.environ.get("MAXSIM_BACKEND"),
+    )  # fmt: skip
+
+
+def _results(layout: _Layout, scores, argmax, return_argmax: bool):
+    scores = layout.restore(scores)
+    return (scores, layout.restore(argmax)) if return_argmax else scores
+
+
 def maxsim(
     q: torch.Tensor,
     d: torch.Tensor,
@@ -139,6 +168,17 @@ def maxsim(
             devices, a mask or lengths of the wrong shape, lengths outside ``[1, L]``, a document without a
             real token, both a mask and lengths for one side.
     """
+    signature = None  # an eager inference call without masks: it may take (or prepare) a bound launch
+    if q_mask is None and d_mask is None and q_lengths is None and d_lengths is None:
+        signature = _signature(q, d, normalize, return_argmax)
+        if signature is not None and torch.is_grad_enabled() and (q.requires_grad or d.requires_grad):
+            signature = None
+        prepared = _PREPARED.get(signature) if signature is not None else None
+        if prepared:
+            layout, launch = prepared
+            result = launch(layout.query(q, 2), layout.document(d, 2))
+            if result is not None:
+                return _results(layout, *result, return_argmax)
     check.check_flag(normalize, "normalize")
     check.check_flag(return_argmax, "return_argmax")
     check.check_flag(validate, "validate")
@@ -149,18 +189,23 @@ def maxsim(
     q_mask = check.token_mask(q, q_mask, q_lengths, "q", check_values=validate, require_real=False)
     d_mask = check.token_mask(d, d_mask, d_lengths, "d", check_values=validate, require_real=True)
     layout = _layout(tuple(q.shape[:-2]), tuple(d.shape[:-2]), batch)
-    scores, argmax = get_backend(q.device).maxsim_padded(
-        layout.query(q, 2),
-        layout.document(d, 2),
+    backend = get_backend(q.device)
+    q_canonical, d_canonical = layout.query(q, 2), layout.document(d, 2)
+    scores, argmax = backend.maxsim_padded(
+        q_canonical,
+        d_canonical,
         None if q_mask is None else layout.query(q_mask, 1),
         None if d_mask is None else layout.document(d_mask, 1),
         normalize=normalize,
         return_argmax=return_argmax,
     )
-    scores = layout.restore(scores)
-    if not return_argmax:
-        return scores
-    return scores, layout.restore(argmax)
+    if signature is not None and signature not in _PREPARED:
+        prepare = getattr(backend, "prepare_padded", None)
+        launch = prepare and prepare(q_canonical, d_canonical, normalize=normalize, return_argmax=return_argmax)
+        if len(_PREPARED) >= MAX_PREPARED:
+            _PREPARED.clear()
+        _PREPARED[signature] = (layout, launch) if launch else False
+    return _results(layout, scores, argmax, return_argmax)
 
 
 def maxsim_varlen(

@@ -117,10 +117,14 @@ static AVX2 void score_document(const Job *job, int64_t item, float *best, float
                                 float *inverse_norm, uint8_t *real)
 {
     const int64_t p = item / job->Dn, n = item % job->Dn, D = job->D, G = job->G;
-    const int64_t len = job->d_len[item], stride = job->d_token_stride;
+    const int64_t stride = job->d_token_stride;
+    int64_t len = job->d_len[item];
     const float *doc = job->d + job->d_start[item];
-    for (int64_t t = 0; t < len; t++) {
+    for (int64_t t = 0; t < len; t++)
         real[t] = job->d_mask == NULL || job->d_mask[job->mask_start[item] + t * job->mask_stride];
+    while (len > 0 && !real[len - 1]) /* the padding after the last real token costs no tile */
+        len--;
+    for (int64_t t = 0; t < len; t++) {
         inverse_norm[t] = 1.0f;
         if (job->normalize) {
             float squares = 0.0f;

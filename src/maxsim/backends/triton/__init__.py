@@ -25,7 +25,7 @@ import triton.language  # noqa: E402
 
 from .. import torch_backend  # noqa: E402
 from . import ops  # noqa: E402  (registers maxsim::fwd_padded, maxsim::fwd_varlen and their backward)
-from .forward import maxsim_fwd  # noqa: E402
+from .forward import maxsim_fwd, prepare_fwd  # noqa: E402
 from .varlen import maxsim_varlen_fwd  # noqa: E402
 
 # True when the kernels run in the interpreter: Triton's own library functions must be interpreted too,
@@ -65,6 +65,15 @@ def maxsim_padded(q, d, q_mask, d_mask, *, normalize: bool, return_argmax: bool)
     fwd = torch.ops.maxsim.fwd_padded if torch.compiler.is_compiling() else ops.PaddedFunction.apply
     scores, argmax = fwd(q, d, q_mask, d_mask, normalize, return_argmax or grad)
     return scores, (argmax if return_argmax else None)
+
+
+def prepare_padded(q, d, *, normalize: bool, return_argmax: bool):
+    """A call bound for repeat eager inference calls of ``maxsim_padded(q, d, None, None, ...)`` with this
+    signature (``forward.PreparedForward``), or None where there is none (CPU tensors, the interpreter, a
+    call of several launches). ``maxsim.maxsim`` keeps it per signature and checks grad mode itself."""
+    if not _kernels_run_on(q) or INTERPRETED:
+        return None
+    return prepare_fwd(q, d, normalize=normalize, return_argmax=return_argmax)
 
 
 def maxsim_varlen(

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .configs import FwdConfig, device_info, forward_config
-from .launch import Launcher
+from .launch import Launcher, launch_hooks_set
 
 EPS = 1e-12
 INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
@@ -473,22 +473,16 @@ def maxsim_fwd(
     """
     P, Qn, Lq, D = q.shape
     _, Dn, Ld, _ = d.shape
-    device, dtype = q.device, q.dtype
+    device = q.device
     R = P * Qn * Dn
     scores = torch.empty(P, Qn, Dn, dtype=torch.float32, device=device)
     argmax = torch.empty(P, Qn, Dn, Lq, dtype=torch.int32, device=device) if return_argmax else None
     if R == 0:
         return scores, argmax
-    flags = (q_mask is not None, d_mask is not None, normalize, return_argmax, dot_precision(dtype))
-    key = (device, dtype, P, Qn, Lq, D, Dn, Ld, flags)
-    plan = _PLANS.get(key) if config is None and n_split is None else None
-    if plan is None:
-        plan = _padded_plan(device, dtype, P, Qn, Lq, D, Dn, Ld, flags, config, n_split)
-        if config is None and n_split is None:
-            if len(_PLANS) > 4096:
-                _PLANS.clear()
-            _PLANS[key] = plan
-    cfg, n_qb, n_doc_blocks, n_split, split_len, programs, constexprs = plan
+    has_masks = (q_mask is not None, d_mask is not None)
+    cfg, n_qb, n_doc_blocks, n_split, split_len, programs, constexprs = _plan_of(
+        q, d, has_masks, normalize, return_argmax, config, n_split
+    )
     score_out, pmax, pidx = partial_outputs(scores, argmax, R, Lq, n_split, n_qb)
     with launch_device(device):
         _FWD(
@@ -499,15 +493,107 @@ def maxsim_fwd(
                 scores if argmax is None else argmax, scores if pmax is None else pmax,
                 scores if pidx is None else pidx,
             ),
-            (
-                Qn, Dn, Lq, Ld, D, R, *q.stride(), *d.stride(),
-                *(_NO_MASK if q_mask is None else q_mask.stride()),
-                *(_NO_MASK if d_mask is None else d_mask.stride()),
-                n_qb, n_split, n_doc_blocks, split_len,
-            ),
+            _int_arguments(q, d, q_mask, d_mask, n_qb, n_split, n_doc_blocks, split_len),
             constexprs,
             cfg.num_warps,
             cfg.num_stages,
         )  # fmt: skip
         finish(score_out, pmax, pidx, scores, argmax, R, Lq, n_split)
     return scores, argmax
+
+
+def _plan_of(q, d, has_masks: tuple, normalize: bool, return_argmax: bool, config, n_split):
+    """The launch plan of ``maxsim_fwd`` (``_padded_plan``), remembered per shape and flags unless a
+    configuration or split is forced."""
+    P, Qn, Lq, D = q.shape
+    _, Dn, Ld, _ = d.shape
+    device, dtype = q.device, q.dtype
+    flags = (*has_masks, normalize, return_argmax, dot_precision(dtype))
+    key = (device, dtype, P, Qn, Lq, D, Dn, Ld, flags)
+    plan = _PLANS.get(key) if config is None and n_split is None else None
+    if plan is None:
+        plan = _padded_plan(device, dtype, P, Qn, Lq, D, Dn, Ld, flags, config, n_split)
+        if config is None and n_split is None:
+            if len(_PLANS) > 4096:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    return plan
+
+
+def _int_arguments(q, d, q_mask, d_mask, n_qb, n_split, n_doc_blocks, split_len) -> tuple:
+    """The int arguments of ``_maxsim_fwd_kernel``, in parameter order."""
+    P, Qn, Lq, D = q.shape
+    _, Dn, Ld, _ = d.shape
+    return (
+        Qn, Dn, Lq, Ld, D, P * Qn * Dn, *q.stride(), *d.stride(),
+        *(_NO_MASK if q_mask is None else q_mask.stride()),
+        *(_NO_MASK if d_mask is None else d_mask.stride()),
+        n_qb, n_split, n_doc_blocks, split_len,
+    )  # fmt: skip
+
+
+class PreparedForward:
+    """``maxsim_fwd`` without masks for repeat calls of one signature (shapes, strides, dtype, device and
+    flags) that take a single launch: its plan, compiled kernel and int arguments are bound once, so a call
+    costs the outputs' allocation and the launch. Made by ``prepare_fwd``.
+
+    Calling it with ``q``, ``d`` of that signature returns ``(scores, argmax or None)``, or None when this
+    call cannot take the bound launch (another current device, an argument's 16-byte alignment other than
+    the compiled kernel's, a Triton launch hook set): the caller then takes ``maxsim_fwd``.
+    """
+
+    def __init__(self, compiled, programs: int, ints: tuple, values: tuple, q, d, return_argmax: bool):
+        self.compiled = compiled
+        self.grid = (programs, 1, 1)
+        self.ints, self.values = ints, values
+        self.device = q.device
+        self.device_index = q.device.index
+        self.shape = (q.shape[0], q.shape[1], d.shape[1])
+        self.lq = q.shape[2]
+        self.aligned = ((q.data_ptr() & 15) == 0, (d.data_ptr() & 15) == 0)
+        self.return_argmax = return_argmax
+
+    def __call__(self, q: torch.Tensor, d: torch.Tensor):
+        if (
+            torch.cuda.current_device() != self.device_index
+            or ((q.data_ptr() & 15) == 0, (d.data_ptr() & 15) == 0) != self.aligned
+            or launch_hooks_set()
+        ):
+            return None
+        scores = torch.empty(self.shape, dtype=torch.float32, device=self.device)
+        argmax = (
+            torch.empty(*self.shape, self.lq, dtype=torch.int32, device=self.device) if self.return_argmax else None
+        )
+        if POISON:
+            poison(scores, argmax)
+        compiled = self.compiled
+        compiled.run(
+            *self.grid, torch._C._cuda_getCurrentRawStream(self.device_index), compiled.function,
+            compiled.packed_metadata, None, None, None,
+            q, d, scores, scores, scores, scores if argmax is None else argmax, scores, scores,
+            *self.ints, *self.values,
+        )  # fmt: skip
+        return scores, argmax
+
+
+def prepare_fwd(q: torch.Tensor, d: torch.Tensor, *, normalize: bool, return_argmax: bool):
+    """A ``PreparedForward`` for calls like ``maxsim_fwd(q, d, None, None, ...)`` (``q [P, Qn, Lq, D]``,
+    ``d [P, Dn, Ld, D]`` on the current CUDA device, after one such call ran), or None where a call needs
+    more than the one launch (split documents, several query blocks) or nothing to launch."""
+    P, Qn, Lq, _ = q.shape
+    Dn = d.shape[1]
+    if P * Qn * Dn == 0 or q.device.index != torch.cuda.current_device():
+        return None
+    cfg, n_qb, n_doc_blocks, n_split, split_len, programs, constexprs = _plan_of(
+        q, d, (False, False), normalize, return_argmax, None, None
+    )
+    if n_split > 1 or n_qb > 1:
+        return None
+    scores = torch.empty(P, Qn, Dn, dtype=torch.float32, device=q.device)
+    argmax = torch.empty(P, Qn, Dn, Lq, dtype=torch.int32, device=q.device) if return_argmax else scores
+    ints = _int_arguments(q, d, None, None, n_qb, n_split, n_doc_blocks, split_len)
+    tensors = (q, d, scores, scores, scores, argmax, scores, scores)
+    compiled = _FWD.compiled_for(tensors, ints, constexprs, cfg.num_warps, cfg.num_stages)
+    if compiled is None:
+        return None
+    return PreparedForward(compiled, programs, ints, tuple(constexprs.values()), q, d, return_argmax)

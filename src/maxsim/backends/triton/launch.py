@@ -17,7 +17,7 @@ import triton
 MAX_KEYS = 1024  # distinct signatures remembered per kernel (one per shape in practice)
 
 
-def _launch_hooks_set() -> bool:
+def launch_hooks_set() -> bool:
     """True when a profiler hooks Triton launches (a ``HookChain`` from Triton 3.5, a callable before)."""
     knobs = getattr(triton, "knobs", None)
     if knobs is None:
@@ -38,6 +38,23 @@ class Launcher:
         self.kernel = kernel
         self.interpreted = interpreted
         self.compiled: dict = {}
+
+    @staticmethod
+    def _key(device: int, tensors: tuple, ints: tuple, values: tuple, num_warps: int, num_stages: int) -> tuple:
+        return (
+            device, values, num_warps, num_stages, ints,
+            *[(t.dtype, (t.data_ptr() & 15) == 0) for t in tensors],
+        )  # fmt: skip
+
+    def compiled_for(self, tensors: tuple, ints: tuple, constexprs: dict, num_warps: int, num_stages: int):
+        """The compiled kernel a launch with these arguments on the current device takes, once one such
+        launch ran (None before, and always in the interpreter): for callers that launch it themselves."""
+        if self.interpreted:
+            return None
+        key = self._key(
+            torch.cuda.current_device(), tensors, ints, tuple(constexprs.values()), num_warps, num_stages
+        )
+        return self.compiled.get(key)
 
     def __call__(
         self,
@@ -61,12 +78,9 @@ class Launcher:
             return
         values = tuple(constexprs.values())
         device = torch.cuda.current_device()
-        key = (
-            device, values, num_warps, num_stages, ints,
-            *[(t.dtype, (t.data_ptr() & 15) == 0) for t in tensors],
-        )  # fmt: skip
+        key = self._key(device, tensors, ints, values, num_warps, num_stages)
         compiled = self.compiled.get(key)
-        if compiled is None or _launch_hooks_set():
+        if compiled is None or launch_hooks_set():
             compiled = self.kernel[grid](
                 *tensors, *ints, **constexprs, num_warps=num_warps, num_stages=num_stages
             )
