@@ -19,7 +19,7 @@ def main() -> None:
         x = torch.ones(mb * 2**19, dtype=torch.float16, device="cuda")
         out = torch.empty((), dtype=torch.float16, device="cuda")
 
-        def read():
+        def read(x=x, out=out):
             torch.sum(x, out=out)
 
         cold = do_bench(read, return_mode="median") * 1e3
