@@ -6,9 +6,10 @@
  * query tokens holds 12 accumulators, as a GEMM micro-kernel does. Each tile's similarities are folded into
  * the query tokens' running maxima at once: nothing of size Lq x Ld is ever stored.
  *
- * Documents are given by the element offset of their first token, their length and one token stride
- * (padded batches and packed sequences alike), with an optional byte mask (1 = real token). Work is split
- * over (group, document) items between POSIX threads; the Python caller holds no lock meanwhile.
+ * Queries are read through their strides (and packed, once per call); documents are a padded [P, Dn, Ld]
+ * view (any strides but a contiguous embedding axis, an optional byte mask, 1 = real token) or packed
+ * sequences (the element offset of each document's first token and its length). Work is split over
+ * (group, document) items between POSIX threads; the Python caller holds no lock meanwhile.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -25,19 +26,17 @@
 #define NORMALIZE_EPS 1e-12f
 
 typedef struct {
-    const float *q_columns;  /* [P, Qn, G, D, LANES] */
+    const float *q_columns;  /* [P, Qn, G, D, LANES], packed by pack_queries */
     const uint8_t *q_real;   /* [P, Qn, G * LANES], 1 = a real query token */
-    int64_t P, Qn, G, D, Dn; /* groups, queries and documents per group, lane groups, embedding size */
+    int64_t P, Qn, G, D, Dn, Lq; /* groups, queries and documents per group, lane groups, sizes */
     const float *d;          /* document tokens, each contiguous over D */
-    const int64_t *d_start;  /* [P * Dn] element offset of each document's first token */
-    const int64_t *d_len;    /* [P * Dn] tokens of each document */
-    int64_t d_token_stride;
-    const uint8_t *d_mask;   /* NULL, or a byte per token: mask_start[item] + t * mask_stride */
-    const int64_t *mask_start;
-    int64_t mask_stride;
-    int64_t max_len; /* the longest document */
+    int64_t d_stride[3];     /* of d as [P, Dn, Ld] (padded documents), in elements; [2]: between tokens */
+    int64_t Ld;              /* tokens per padded document; the longest packed one */
+    const int64_t *d_start;  /* NULL (padded), or [Dn] element offset of each packed document (P = 1) */
+    const int64_t *d_len;    /* NULL (padded), or [Dn] tokens of each packed document */
+    const uint8_t *d_mask;   /* NULL, or a byte per padded token, strides d_mask_stride */
+    int64_t d_mask_stride[3];
     int normalize;   /* divide each similarity by its document token's norm (queries come normalized) */
-    int64_t Lq;      /* query tokens: the argmax's last axis */
     float *out;      /* [P, Qn, Dn] */
     int32_t *argmax; /* NULL, or [P, Qn, Dn, Lq]: the first winning token, -1 where no real token won */
     int64_t first, last; /* this worker's items p * Dn + n */
@@ -112,16 +111,17 @@ INLINE AVX2 void tile(const int R, const int ARGMAX, const float *const *rows, i
 }
 
 /* Scores (and argmax) of every query of group p against document item (p, n); best, nan: G * LANES floats,
- * index: G * LANES int32, inverse_norm, real: max_len each. */
+ * index: G * LANES int32, inverse_norm, real: Ld each. */
 static AVX2 void score_document(const Job *job, int64_t item, float *best, float *nan, int32_t *index,
                                 float *inverse_norm, uint8_t *real)
 {
     const int64_t p = item / job->Dn, n = item % job->Dn, D = job->D, G = job->G;
-    const int64_t stride = job->d_token_stride;
-    int64_t len = job->d_len[item];
-    const float *doc = job->d + job->d_start[item];
+    const int64_t stride = job->d_stride[2];
+    int64_t len = job->d_len != NULL ? job->d_len[item] : job->Ld;
+    const float *doc = job->d + (job->d_start != NULL ? job->d_start[item] : p * job->d_stride[0] + n * job->d_stride[1]);
+    const uint8_t *mask = job->d_mask + p * job->d_mask_stride[0] + n * job->d_mask_stride[1];
     for (int64_t t = 0; t < len; t++)
-        real[t] = job->d_mask == NULL || job->d_mask[job->mask_start[item] + t * job->mask_stride];
+        real[t] = job->d_mask == NULL || mask[t * job->d_mask_stride[2]];
     while (len > 0 && !real[len - 1]) /* the padding after the last real token costs no tile */
         len--;
     for (int64_t t = 0; t < len; t++) {
@@ -195,8 +195,8 @@ static void *run_job(void *arg)
     const int64_t lanes = job->G * LANES;
     float *best = malloc(sizeof(float) * lanes * 2);
     int32_t *index = malloc(sizeof(int32_t) * lanes);
-    float *inverse_norm = malloc(sizeof(float) * (job->max_len + 1));
-    uint8_t *real = malloc(job->max_len + 1);
+    float *inverse_norm = malloc(sizeof(float) * (job->Ld + 1));
+    uint8_t *real = malloc(job->Ld + 1);
     if (best == NULL || index == NULL || inverse_norm == NULL || real == NULL) {
         job->failed = 1;
     } else {
@@ -216,20 +216,50 @@ static PyObject *supported(PyObject *self, PyObject *args)
     return PyBool_FromLong(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
 }
 
-/* score(q_columns, q_real, P, Qn, G, D, Dn, d, d_start, d_len, d_token_stride, d_mask, mask_start,
- *       mask_stride, max_len, normalize, Lq, out, argmax, threads): addresses as integers (0 = no mask,
- *       no argmax). */
+/* The queries q [P, Qn, Lq, D] (element strides q_stride) as the tiles read them: columns of LANES query
+ * tokens, [P, Qn, G, D, LANES], zero past Lq and L2-normalized when asked, and a byte per lane: 1 for a real
+ * token (below Lq and, with q_mask [P, Qn, Lq] of strides q_mask_stride, marked real). */
+static void pack_queries(const float *q, const int64_t *q_stride, const uint8_t *q_mask,
+                         const int64_t *q_mask_stride, int64_t P, int64_t Qn, int64_t Lq, int64_t D, int64_t G,
+                         int normalize, float *columns, uint8_t *real)
+{
+    for (int64_t query = 0; query < P * Qn; query++) {
+        const int64_t p = query / Qn, i = query % Qn;
+        for (int64_t lane = 0; lane < G * LANES; lane++) {
+            float *column = columns + (query * G + lane / LANES) * D * LANES + lane % LANES;
+            const float *token = q + p * q_stride[0] + i * q_stride[1] + lane * q_stride[2];
+            float scale = lane < Lq ? 1.0f : 0.0f;
+            if (lane < Lq && normalize) {
+                float squares = 0.0f;
+                for (int64_t k = 0; k < D; k++)
+                    squares += token[k * q_stride[3]] * token[k * q_stride[3]];
+                scale = 1.0f / fmaxf(sqrtf(squares), NORMALIZE_EPS);
+            }
+            for (int64_t k = 0; k < D; k++)
+                column[k * LANES] = scale == 0.0f ? 0.0f : token[k * q_stride[3]] * scale;
+            real[query * G * LANES + lane] =
+                lane < Lq && (q_mask == NULL ||
+                              q_mask[p * q_mask_stride[0] + i * q_mask_stride[1] + lane * q_mask_stride[2]]);
+        }
+    }
+}
+
+/* score((q, q_stride[4]), (q_mask, q_mask_stride[3]), (d, d_stride[3]), (d_mask, d_mask_stride[3]),
+ *       (d_start, d_len), P, Qn, Dn, Lq, Ld, D, normalize, out, argmax, threads)
+ * Addresses are integers (0: no mask, no argmax; d_start = d_len = 0 for padded documents), strides are in
+ * elements, q's and d's of float32, the masks' of bytes; d's embedding axis is contiguous. */
 static PyObject *score(PyObject *self, PyObject *args)
 {
-    unsigned long long q_columns, q_real, d, d_start, d_len, d_mask, mask_start, out;
-    unsigned long long argmax;
-    long long P, Qn, G, D, Dn, d_token_stride, mask_stride, max_len, Lq;
+    unsigned long long q, q_mask, d, d_mask, d_start, d_len, out, argmax;
+    long long q_stride[4], q_mask_stride[3], d_stride[3], d_mask_stride[3], P, Qn, Dn, Lq, Ld, D;
     int normalize, threads;
-    if (!PyArg_ParseTuple(args, "KKLLLLLKKKLKKLLpLKKi", &q_columns, &q_real, &P, &Qn, &G, &D, &Dn, &d, &d_start,
-                          &d_len, &d_token_stride, &d_mask, &mask_start, &mask_stride, &max_len, &normalize, &Lq,
-                          &out, &argmax, &threads))
+    if (!PyArg_ParseTuple(args, "(K(LLLL))(K(LLL))(K(LLL))(K(LLL))(KK)LLLLLLpKKi", &q, &q_stride[0],
+                          &q_stride[1], &q_stride[2], &q_stride[3], &q_mask, &q_mask_stride[0],
+                          &q_mask_stride[1], &q_mask_stride[2], &d, &d_stride[0], &d_stride[1], &d_stride[2],
+                          &d_mask, &d_mask_stride[0], &d_mask_stride[1], &d_mask_stride[2], &d_start, &d_len, &P,
+                          &Qn, &Dn, &Lq, &Ld, &D, &normalize, &out, &argmax, &threads))
         return NULL;
-    const int64_t items = P * Dn;
+    const int64_t items = P * Dn, G = (Lq + LANES - 1) / LANES;
     if (threads < 1)
         threads = 1;
     if (threads > MAX_THREADS)
@@ -241,29 +271,41 @@ static PyObject *score(PyObject *self, PyObject *args)
     int started[MAX_THREADS] = {0};
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (int w = 0; w < threads; w++) {
-        jobs[w] = (Job){
-            .q_columns = (const float *)q_columns, .q_real = (const uint8_t *)q_real,
-            .P = P, .Qn = Qn, .G = G, .D = D, .Dn = Dn,
-            .d = (const float *)d, .d_start = (const int64_t *)d_start, .d_len = (const int64_t *)d_len,
-            .d_token_stride = d_token_stride, .d_mask = (const uint8_t *)d_mask,
-            .mask_start = (const int64_t *)mask_start, .mask_stride = mask_stride, .max_len = max_len,
-            .normalize = normalize, .Lq = Lq, .out = (float *)out, .argmax = (int32_t *)argmax,
-            .first = items * w / threads, .last = items * (w + 1) / threads, .failed = 0,
-        };
-        /* worker 0 is this thread; the others are started, or run here when a thread cannot start */
-        if (w > 0)
-            started[w] = pthread_create(&workers[w], NULL, run_job, &jobs[w]) == 0;
+    float *columns = malloc(sizeof(float) * (P * Qn * G * D * LANES + 1));
+    uint8_t *real = malloc(P * Qn * G * LANES + 1);
+    if (columns == NULL || real == NULL) {
+        failed = 1;
+    } else {
+        const int64_t qs[4] = {q_stride[0], q_stride[1], q_stride[2], q_stride[3]};
+        const int64_t qms[3] = {q_mask_stride[0], q_mask_stride[1], q_mask_stride[2]};
+        pack_queries((const float *)q, qs, (const uint8_t *)q_mask, qms, P, Qn, Lq, D, G, normalize, columns,
+                     real);
+        for (int w = 0; w < threads; w++) {
+            jobs[w] = (Job){
+                .q_columns = columns, .q_real = real, .P = P, .Qn = Qn, .G = G, .D = D, .Dn = Dn, .Lq = Lq,
+                .d = (const float *)d, .d_stride = {d_stride[0], d_stride[1], d_stride[2]}, .Ld = Ld,
+                .d_start = (const int64_t *)d_start, .d_len = (const int64_t *)d_len,
+                .d_mask = (const uint8_t *)d_mask,
+                .d_mask_stride = {d_mask_stride[0], d_mask_stride[1], d_mask_stride[2]},
+                .normalize = normalize, .out = (float *)out, .argmax = (int32_t *)argmax,
+                .first = items * w / threads, .last = items * (w + 1) / threads, .failed = 0,
+            };
+            /* worker 0 is this thread; the others are started, or run here when a thread cannot start */
+            if (w > 0)
+                started[w] = pthread_create(&workers[w], NULL, run_job, &jobs[w]) == 0;
+        }
+        run_job(&jobs[0]);
+        for (int w = 1; w < threads; w++) {
+            if (started[w])
+                pthread_join(workers[w], NULL);
+            else
+                run_job(&jobs[w]);
+            failed |= jobs[w].failed;
+        }
+        failed |= jobs[0].failed;
     }
-    run_job(&jobs[0]);
-    for (int w = 1; w < threads; w++) {
-        if (started[w])
-            pthread_join(workers[w], NULL);
-        else
-            run_job(&jobs[w]);
-        failed |= jobs[w].failed;
-    }
-    failed |= jobs[0].failed;
+    free(columns);
+    free(real);
     Py_END_ALLOW_THREADS
     if (failed)
         return PyErr_NoMemory();
@@ -272,7 +314,7 @@ static PyObject *score(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"supported", supported, METH_NOARGS, "Whether this CPU has AVX2 and FMA."},
-    {"score", score, METH_VARARGS, "MaxSim scores of packed query columns against strided documents."},
+    {"score", score, METH_VARARGS, "MaxSim scores (and argmax) of strided queries against strided documents."},
     {NULL, NULL, 0, NULL},
 };
 
