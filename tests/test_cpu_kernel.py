@@ -91,6 +91,24 @@ def test_broadcast_corpus_is_read_in_place(cpu_path):
     assert torch.equal(base, before)
 
 
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
+def test_strided_queries_and_broadcast_masks(cpu_path, normalize):
+    """Queries whose embedding axis is strided, and masks expanded over a batch dim (zero strides)."""
+    g = torch.Generator().manual_seed(8)
+    q = random_tokens((2, 40, 19), torch.float32, generator=g).transpose(-1, -2)  # [2, 19, 40], D stride 19
+    d = random_tokens((2, 5, 23, 40), torch.float32, generator=g)
+    q_mask = torch.rand(19, generator=g) < 0.6
+    q_mask[3] = True
+    d_mask = torch.rand(23, generator=g) < 0.6
+    d_mask[0] = True
+    q_mask, d_mask = q_mask.expand(2, 1, 19), d_mask.expand(2, 5, 23)
+    kwargs = dict(q_mask=q_mask, d_mask=d_mask, normalize=normalize)
+    scores, argmax = maxsim.maxsim(q[:, None], d, return_argmax=True, **kwargs)
+    ref, ref_argmax = maxsim_reference(q[:, None], d, **kwargs)
+    assert_scores_close(scores, ref, dtype=torch.float32)
+    assert torch.equal(argmax, ref_argmax)
+
+
 def test_non_contiguous_embedding_axis_falls_back(cpu_path):
     g = torch.Generator().manual_seed(2)
     q = random_tokens((9, 32), torch.float32, generator=g)
