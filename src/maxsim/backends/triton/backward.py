@@ -33,6 +33,29 @@ MAX_CHUNK = 1024  # entries per chunk of the counting sort (sorted in registers)
 
 
 @triton.jit
+def _weighted_rows(
+    x_ptr, inv_ptr, cu_ptr, p, owner, tok, weight, take, offs_k, k_in, n_owners, L, s_p, s_o, s_l, s_k,
+    NORMALIZE: tl.constexpr, VARLEN: tl.constexpr,
+):  # fmt: skip
+    """``weight * x[row]`` (float32, ``[A, B, BLOCK_D]``) for a 2-D block of entries, each naming token ``tok``
+    of sequence ``owner`` of group ``p`` (int64, broadcast to ``[A, B]``; entries where ``take`` is False give
+    zeros). Padded: the row of ``x [P, n_owners, L, D]`` through its strides; VARLEN: row ``cu[owner] + tok``
+    of packed ``x``. With NORMALIZE the weight is scaled by the row's inverse norm (``inv_ptr``)."""
+    if VARLEN:
+        row = tl.load(cu_ptr + owner, mask=take, other=0).to(tl.int64) + tok
+        off = row * s_l
+    else:
+        row = (p * n_owners + owner) * L + tok
+        off = p * s_p + owner * s_o + tok * s_l
+    if NORMALIZE:
+        weight *= tl.load(inv_ptr + row, mask=take, other=0.0)
+    rows = tl.load(
+        x_ptr + off[:, :, None] + (offs_k * s_k)[None, None, :], mask=take[:, :, None] & k_in[None, None, :], other=0.0
+    )
+    return weight[:, :, None] * rows.to(tl.float32)
+
+
+@triton.jit
 def _dq_kernel(
     d_ptr, am_ptr, g_ptr, dinv_ptr, dq_ptr, cu_q_ptr, cu_d_ptr,
     Qn, Dn, Lq, Ld, D, sd_p, sd_n, sd_l, sd_k, sg_p, sg_q, sg_n, n_ib,
@@ -58,20 +81,13 @@ def _dq_kernel(
         )
         real = won >= 0
         weight = tl.where(real, w[:, None], 0.0)
-        if VARLEN:  # packed documents: token won of document nn is row cu_d[nn] + won
-            d_row = tl.load(cu_d_ptr + nn, mask=n_in, other=0).to(tl.int64)[:, None] + won
-            d_off = d_row * sd_l
-        else:
-            d_row = (p * Dn + nn)[:, None] * Ld + won
-            d_off = p * sd_p + (nn.to(tl.int64) * sd_n)[:, None] + won.to(tl.int64) * sd_l
-        if NORMALIZE:
-            weight *= tl.load(dinv_ptr + d_row, mask=real, other=0.0)
-        rows = tl.load(
-            d_ptr + d_off[:, :, None] + (offs_k * sd_k)[None, None, :],
-            mask=real[:, :, None] & k_in[None, None, :],
-            other=0.0,
-        )
-        acc += tl.sum(weight[:, :, None] * rows.to(tl.float32), 0)
+        acc += tl.sum(
+            _weighted_rows(
+                d_ptr, dinv_ptr, cu_d_ptr, p, nn.to(tl.int64)[:, None], won.to(tl.int64), weight, real, offs_k,
+                k_in, Dn, Ld, sd_p, sd_n, sd_l, sd_k, NORMALIZE, VARLEN,
+            ),
+            0,
+        )  # fmt: skip
     if VARLEN:  # packed queries: row cu_q[qi] + i, for the query's own tokens only
         q_start = tl.load(cu_q_ptr + pq).to(tl.int64)
         out_rows = q_start + offs_i
@@ -180,20 +196,13 @@ def _dd_gather_kernel(
         qi = u // Lq
         i = u - qi * Lq
         w = tl.load(g_ptr + p[:, None] * sg_p + qi * sg_q + n[:, None] * sg_n, mask=has, other=0.0)
-        if VARLEN:  # packed queries: token i of query qi is row cu_q[qi] + i
-            q_row = tl.load(cu_q_ptr + qi, mask=has, other=0).to(tl.int64) + i
-            q_off = q_row * sq_l
-        else:
-            q_row = (p[:, None] * Qn + qi) * Lq + i
-            q_off = p[:, None] * sq_p + qi * sq_n + i * sq_l
-        if NORMALIZE:
-            w *= tl.load(qinv_ptr + q_row, mask=has, other=0.0)
-        tok = tl.load(
-            q_ptr + q_off[:, :, None] + (offs_k * sq_k)[None, None, :],
-            mask=has[:, :, None] & k_in[None, None, :],
-            other=0.0,
-        )
-        acc += tl.sum(w[:, :, None] * tok.to(tl.float32), 1)
+        acc += tl.sum(
+            _weighted_rows(
+                q_ptr, qinv_ptr, cu_q_ptr, p[:, None], qi, i, w, has, offs_k, k_in, Qn, Lq, sq_p, sq_n, sq_l, sq_k,
+                NORMALIZE, VARLEN,
+            ),
+            1,
+        )  # fmt: skip
     if VARLEN:  # packed documents: token j of document pn is row cu_d[pn] + j, for its own tokens only
         d_start = tl.load(cu_d_ptr + pn, mask=r_in, other=0).to(tl.int64)
         j = rows - pn * Ld
