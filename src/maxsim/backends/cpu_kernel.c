@@ -9,13 +9,12 @@
  * Queries are read through their strides (and packed, once per call); documents are a padded [P, Dn, Ld]
  * view (any strides but a contiguous embedding axis, an optional byte mask, 1 = real token) or packed
  * sequences (the element offset of each document's first token and its length). Work is split over
- * (group, document) items between POSIX threads; the Python caller holds no lock meanwhile.
+ * (group, document) items between OpenMP threads; the Python caller holds no lock meanwhile.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <immintrin.h>
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -189,9 +188,8 @@ static AVX2 void score_document(const Job *job, int64_t item, float *best, float
     }
 }
 
-static void *run_job(void *arg)
+static void run_job(Job *job)
 {
-    Job *job = (Job *)arg;
     const int64_t lanes = job->G * LANES;
     float *best = malloc(sizeof(float) * lanes * 2);
     int32_t *index = malloc(sizeof(int32_t) * lanes);
@@ -207,7 +205,6 @@ static void *run_job(void *arg)
     free(index);
     free(inverse_norm);
     free(real);
-    return NULL;
 }
 
 static PyObject *supported(PyObject *self, PyObject *args)
@@ -267,8 +264,6 @@ static PyObject *score(PyObject *self, PyObject *args)
     if (threads > items)
         threads = items > 0 ? (int)items : 1;
     Job jobs[MAX_THREADS];
-    pthread_t workers[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
     float *columns = malloc(sizeof(float) * (P * Qn * G * D * LANES + 1));
@@ -280,7 +275,7 @@ static PyObject *score(PyObject *self, PyObject *args)
         const int64_t qms[3] = {q_mask_stride[0], q_mask_stride[1], q_mask_stride[2]};
         pack_queries((const float *)q, qs, (const uint8_t *)q_mask, qms, P, Qn, Lq, D, G, normalize, columns,
                      real);
-        for (int w = 0; w < threads; w++) {
+        for (int w = 0; w < threads; w++)
             jobs[w] = (Job){
                 .q_columns = columns, .q_real = real, .P = P, .Qn = Qn, .G = G, .D = D, .Dn = Dn, .Lq = Lq,
                 .d = (const float *)d, .d_stride = {d_stride[0], d_stride[1], d_stride[2]}, .Ld = Ld,
@@ -290,19 +285,13 @@ static PyObject *score(PyObject *self, PyObject *args)
                 .normalize = normalize, .out = (float *)out, .argmax = (int32_t *)argmax,
                 .first = items * w / threads, .last = items * (w + 1) / threads, .failed = 0,
             };
-            /* worker 0 is this thread; the others are started, or run here when a thread cannot start */
-            if (w > 0)
-                started[w] = pthread_create(&workers[w], NULL, run_job, &jobs[w]) == 0;
-        }
-        run_job(&jobs[0]);
-        for (int w = 1; w < threads; w++) {
-            if (started[w])
-                pthread_join(workers[w], NULL);
-            else
-                run_job(&jobs[w]);
+        /* torch's own OpenMP runtime when torch is loaded (libgomp.so.1 resolves to its copy): the threads
+         * of its last parallel region, still spinning, take this work instead of competing with it */
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(| : failed)
+        for (int w = 0; w < threads; w++) {
+            run_job(&jobs[w]);
             failed |= jobs[w].failed;
         }
-        failed |= jobs[0].failed;
     }
     free(columns);
     free(real);
