@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_scores_close, random_tokens
+from helpers import DTYPES, assert_scores_close, dtype_id, naive_scores, random_tokens
 
 import maxsim
 from maxsim.backends import cpu_kernel
@@ -55,14 +55,15 @@ SHAPES = [  # q batch, d batch, Lq, Ld, D
 ]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
 @pytest.mark.parametrize("masks", ["none", "d_mask", "both"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"q{list(s[0])}-d{list(s[1])}-Lq{s[2]}-Ld{s[3]}-D{s[4]}")
-def test_matches_reference(cpu_path, shape, masks, normalize):
+def test_matches_reference(cpu_path, shape, masks, normalize, dtype):
     qb, db, lq, ld, dim = shape
     g = torch.Generator().manual_seed(lq * 1000 + ld)
-    q = random_tokens((*qb, lq, dim), torch.float32, generator=g)
-    d = random_tokens((*db, ld, dim), torch.float32, generator=g)
+    q = random_tokens((*qb, lq, dim), dtype, generator=g)
+    d = random_tokens((*db, ld, dim), dtype, generator=g)
     kwargs = {}
     if masks != "none":
         kwargs["d_mask"] = torch.rand((*db, ld), generator=g) < 0.7
@@ -72,8 +73,10 @@ def test_matches_reference(cpu_path, shape, masks, normalize):
         kwargs["q_mask"][..., 0] = True
     scores, argmax = maxsim.maxsim(q, d, normalize=normalize, return_argmax=True, **kwargs)
     ref, ref_argmax = maxsim_reference(q, d, normalize=normalize, **kwargs)
-    assert_scores_close(scores, ref, dtype=torch.float32)
-    assert torch.equal(argmax, ref_argmax)
+    naive = naive_scores(q, d, normalize=normalize, **kwargs)
+    assert_scores_close(scores, ref, dtype=dtype, naive=naive)
+    if dtype == torch.float32 or not normalize:  # widened exactly: only normalizing rounds differently
+        assert torch.equal(argmax, ref_argmax)
     assert torch.equal(maxsim.maxsim(q, d, normalize=normalize, **kwargs), scores)
 
 
@@ -135,10 +138,12 @@ def test_nan_and_inf(cpu_path):
     assert scores[0].isnan() and not scores[1].isnan()
 
 
-def test_ties_take_the_first_token(cpu_path):
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_ties_take_the_first_token(cpu_path, dtype):
+    """Small integers are exact in every dtype and tie often."""
     g = torch.Generator().manual_seed(4)
-    q = torch.randint(-2, 3, (3, 19, 10), generator=g).float()
-    d = torch.randint(-2, 3, (3, 23, 10), generator=g).float()
+    q = torch.randint(-2, 3, (3, 19, 10), generator=g).to(dtype)
+    d = torch.randint(-2, 3, (3, 23, 10), generator=g).to(dtype)
     scores, argmax = maxsim.maxsim(q, d, return_argmax=True)
     ref, ref_argmax = maxsim_reference(q, d)
     assert torch.equal(scores, ref.float())
@@ -194,12 +199,13 @@ def test_threads_give_the_same_bits(monkeypatch):
 
 
 @needs_kernel
-def test_float32_cpu_calls_take_the_kernel(monkeypatch):
+def test_cpu_calls_take_the_kernel(monkeypatch):
     calls = []
     original = cpu_kernel._run
     monkeypatch.setattr(cpu_kernel, "_run", lambda *a, **k: calls.append(1) or original(*a, **k))
     monkeypatch.delenv("MAXSIM_CPU_KERNEL", raising=False)
     q, d = torch.randn(8, 16), torch.randn(3, 10, 16)
-    maxsim.maxsim(q, d)
-    maxsim.maxsim(q.half(), d.half())  # other dtypes keep the matrix products
-    assert len(calls) == 1
+    for dtype in DTYPES:
+        maxsim.maxsim(q.to(dtype), d.to(dtype))
+    maxsim.maxsim(q.double(), d.double())  # float64 keeps the matrix products
+    assert len(calls) == len(DTYPES)

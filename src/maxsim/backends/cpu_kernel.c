@@ -1,4 +1,5 @@
-/* MaxSim scores on x86-64 CPUs with AVX2 and FMA: float32 in, float32 scores and optionally the int32 argmax.
+/* MaxSim scores on x86-64 CPUs with AVX2, FMA and F16C: float32, float16 or bfloat16 in, float32 scores
+ * (float32 arithmetic on the exactly widened inputs) and optionally the int32 argmax.
  *
  * The query tokens come packed in columns of 16 lanes, [P, Qn, G, D, 16] (lane = query token), so one
  * step over the embedding axis k is two vector loads of the queries, one broadcast of each document
@@ -8,8 +9,10 @@
  *
  * Queries are read through their strides (and packed, once per call); documents are a padded [P, Dn, Ld]
  * view (any strides but a contiguous embedding axis, an optional byte mask, 1 = real token) or packed
- * sequences (the element offset of each document's first token and its length). Work is split over
- * (group, document) items between OpenMP threads; the Python caller holds no lock meanwhile.
+ * sequences (the element offset of each document's first token and its length), scored BLOCK tokens at a
+ * time by every query of their group; float16/bfloat16 blocks are first widened into a float32 buffer.
+ * Work is split over (group, document) items between OpenMP threads; the Python caller holds no lock
+ * meanwhile.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -17,18 +20,22 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define LANES 16 /* query tokens per column group: two 8-float vectors */
 #define ROWS 6   /* document tokens per tile */
 #define PREFETCH_ROWS (2 * ROWS)
 #define MAX_THREADS 256
 #define NORMALIZE_EPS 1e-12f
+#define BLOCK 512 /* document tokens scored by every query before the next ones (2 KiB a token at most) */
+enum { FLOAT32 = 0, FLOAT16 = 1, BFLOAT16 = 2 }; /* the dtype codes of q and d */
 
 typedef struct {
     const float *q_columns;  /* [P, Qn, G, D, LANES], packed by pack_queries */
     const uint8_t *q_real;   /* [P, Qn, G * LANES], 1 = a real query token */
     int64_t P, Qn, G, D, Dn, Lq; /* groups, queries and documents per group, lane groups, sizes */
-    const float *d;          /* document tokens, each contiguous over D */
+    const void *d;           /* document tokens (d_type), each contiguous over D */
+    int d_type;
     int64_t d_stride[3];     /* of d as [P, Dn, Ld] (padded documents), in elements; [2]: between tokens */
     int64_t Ld;              /* tokens per padded document; the longest packed one */
     const int64_t *d_start;  /* NULL (padded), or [Dn] element offset of each packed document (P = 1) */
@@ -43,6 +50,7 @@ typedef struct {
 } Job;
 
 #define AVX2 __attribute__((target("avx2,fma")))
+#define AVX2_F16C __attribute__((target("avx2,fma,f16c")))
 #define INLINE static inline __attribute__((always_inline))
 
 /* Similarities of R document tokens (rows, the first at index t) and one column group of 16 query tokens,
@@ -109,52 +117,92 @@ INLINE AVX2 void tile(const int R, const int ARGMAX, const float *const *rows, i
     _mm256_storeu_ps(nan + 8, nan1);
 }
 
-/* Scores (and argmax) of every query of group p against document item (p, n); best, nan: G * LANES floats,
- * index: G * LANES int32, inverse_norm, real: Ld each. */
-static AVX2 void score_document(const Job *job, int64_t item, float *best, float *nan, int32_t *index,
-                                float *inverse_norm, uint8_t *real)
+/* Token x (D elements of type dtype) as float32 into out. */
+static AVX2_F16C void widen(const void *x, int dtype, int64_t D, float *out)
 {
-    const int64_t p = item / job->Dn, n = item % job->Dn, D = job->D, G = job->G;
-    const int64_t stride = job->d_stride[2];
+    int64_t k = 0;
+    if (dtype == FLOAT16) {
+        const uint16_t *h = x;
+        for (; k + 8 <= D; k += 8)
+            _mm256_storeu_ps(out + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + k))));
+        for (; k < D; k++)
+            out[k] = _cvtsh_ss(h[k]);
+    } else if (dtype == BFLOAT16) {
+        const uint16_t *h = x;
+        for (; k + 8 <= D; k += 8) {
+            const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(h + k)));
+            _mm256_storeu_ps(out + k, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
+        }
+        for (; k < D; k++) {
+            const uint32_t bits = (uint32_t)h[k] << 16;
+            memcpy(out + k, &bits, sizeof bits);
+        }
+    } else {
+        memcpy(out, x, sizeof(float) * D);
+    }
+}
+
+/* Scores (and argmax) of every query of group p against document item (p, n), BLOCK tokens at a time (each
+ * block's tokens stay in cache for all the queries). Per worker: best, nan: Qn * G * LANES floats, index:
+ * Qn * G * LANES int32, inverse_norm, real: Ld each, widened: BLOCK * D floats (float16/bfloat16 documents). */
+static AVX2_F16C void score_document(const Job *job, int64_t item, float *best, float *nan, int32_t *index,
+                                     float *inverse_norm, uint8_t *real, float *widened)
+{
+    const int64_t p = item / job->Dn, n = item % job->Dn, D = job->D, G = job->G, lanes = G * LANES;
+    const int64_t stride = job->d_stride[2], size = job->d_type == FLOAT32 ? 4 : 2;
     int64_t len = job->d_len != NULL ? job->d_len[item] : job->Ld;
-    const float *doc = job->d + (job->d_start != NULL ? job->d_start[item] : p * job->d_stride[0] + n * job->d_stride[1]);
+    const char *doc = (const char *)job->d +
+                      size * (job->d_start != NULL ? job->d_start[item] : p * job->d_stride[0] + n * job->d_stride[1]);
     const uint8_t *mask = job->d_mask + p * job->d_mask_stride[0] + n * job->d_mask_stride[1];
     for (int64_t t = 0; t < len; t++)
         real[t] = job->d_mask == NULL || mask[t * job->d_mask_stride[2]];
     while (len > 0 && !real[len - 1]) /* the padding after the last real token costs no tile */
         len--;
-    for (int64_t t = 0; t < len; t++) {
-        inverse_norm[t] = 1.0f;
-        if (job->normalize) {
-            float squares = 0.0f;
-            for (int64_t k = 0; k < D; k++)
-                squares += doc[t * stride + k] * doc[t * stride + k];
-            inverse_norm[t] = 1.0f / fmaxf(sqrtf(squares), NORMALIZE_EPS);
-        }
+    for (int64_t lane = 0; lane < job->Qn * lanes; lane++) {
+        best[lane] = -INFINITY;
+        nan[lane] = 0.0f;
+        index[lane] = -1;
     }
-    for (int64_t i = 0; i < job->Qn; i++) {
-        const int64_t query = p * job->Qn + i;
-        for (int64_t lane = 0; lane < G * LANES; lane++) {
-            best[lane] = -INFINITY;
-            nan[lane] = 0.0f;
-            index[lane] = -1;
+    for (int64_t b0 = 0; b0 < len; b0 += BLOCK) {
+        const int64_t nb = len - b0 < BLOCK ? len - b0 : BLOCK;
+        /* the block's tokens as float32 rows: read in place, or widened into this worker's buffer */
+        const float *block = (const float *)(doc + size * b0 * stride);
+        int64_t row_stride = stride;
+        if (job->d_type != FLOAT32) {
+            for (int64_t t = 0; t < nb; t++)
+                widen(doc + size * (b0 + t) * stride, job->d_type, D, widened + t * D);
+            block = widened;
+            row_stride = D;
         }
-        for (int64_t t = 0; t < len; t += ROWS) {
-            const int R = len - t < ROWS ? (int)(len - t) : ROWS;
-            const float *rows[ROWS];
-            for (int r = 0; r < R; r++)
-                rows[r] = doc + (t + r) * stride;
-            /* the tile after next: the hardware prefetchers miss 6 row streams that far apart (prefetches
-             * beyond the document are harmless: they never fault) */
-            for (int r = 0; r < ROWS; r++)
-                for (int64_t k = 0; k < D; k += 64 / sizeof(float))
-                    _mm_prefetch((const char *)(doc + (t + PREFETCH_ROWS + r) * stride + k), _MM_HINT_T0);
-            for (int64_t g = 0; g < G; g++) {
-                const float *columns = job->q_columns + (query * G + g) * D * LANES;
-                float *b = best + g * LANES, *f = nan + g * LANES;
-                int32_t *x = index + g * LANES;
+        for (int64_t t = 0; t < nb; t++) {
+            inverse_norm[b0 + t] = 1.0f;
+            if (job->normalize) {
+                float squares = 0.0f;
+                for (int64_t k = 0; k < D; k++)
+                    squares += block[t * row_stride + k] * block[t * row_stride + k];
+                inverse_norm[b0 + t] = 1.0f / fmaxf(sqrtf(squares), NORMALIZE_EPS);
+            }
+        }
+        for (int64_t i = 0; i < job->Qn; i++) {
+            const int64_t query = p * job->Qn + i;
+            for (int64_t t = 0; t < nb; t += ROWS) {
+                const int R = nb - t < ROWS ? (int)(nb - t) : ROWS;
+                const int64_t token = b0 + t;
+                const float *rows[ROWS];
+                for (int r = 0; r < R; r++)
+                    rows[r] = block + (t + r) * row_stride;
+                /* the tile after next: the hardware prefetchers miss 6 row streams that far apart
+                 * (prefetches beyond the block are harmless: they never fault) */
+                for (int r = 0; r < ROWS; r++)
+                    for (int64_t k = 0; k < D; k += 64 / sizeof(float))
+                        _mm_prefetch((const char *)(block + (t + PREFETCH_ROWS + r) * row_stride + k), _MM_HINT_T0);
+                for (int64_t g = 0; g < G; g++) {
+                    const float *columns = job->q_columns + (query * G + g) * D * LANES;
+                    float *b = best + i * lanes + g * LANES, *f = nan + i * lanes + g * LANES;
+                    int32_t *x = index + i * lanes + g * LANES;
 /* one specialised, fully unrolled tile per row count and argmax flag */
-#define TILE(rows_, argmax_) tile(rows_, argmax_, rows, t, inverse_norm + t, real + t, columns, D, b, f, x)
+#define TILE(rows_, argmax_)                                                                                \
+    tile(rows_, argmax_, rows, token, inverse_norm + token, real + token, columns, D, b, f, x)
 #define TILES(argmax_)                                                                                      \
     switch (R) {                                                                                            \
     case 6: TILE(6, argmax_); break;                                                                        \
@@ -164,76 +212,100 @@ static AVX2 void score_document(const Job *job, int64_t item, float *best, float
     case 2: TILE(2, argmax_); break;                                                                        \
     default: TILE(1, argmax_); break;                                                                       \
     }
-                if (job->argmax != NULL) {
-                    TILES(1)
-                } else {
-                    TILES(0)
-                }
+                    if (job->argmax != NULL) {
+                        TILES(1)
+                    } else {
+                        TILES(0)
+                    }
 #undef TILES
 #undef TILE
+                }
             }
         }
-        const uint8_t *q_real = job->q_real + query * G * LANES;
+    }
+    for (int64_t i = 0; i < job->Qn; i++) {
+        const int64_t query = p * job->Qn + i;
+        const uint8_t *q_real = job->q_real + query * lanes;
         double score = 0.0;
-        for (int64_t lane = 0; lane < G * LANES; lane++) {
+        for (int64_t lane = 0; lane < lanes; lane++) {
             if (q_real[lane])
-                score += nan[lane] != 0.0f ? NAN : (double)best[lane];
+                score += nan[i * lanes + lane] != 0.0f ? NAN : (double)best[i * lanes + lane];
         }
         job->out[query * job->Dn + n] = (float)score;
         if (job->argmax != NULL) {
             int32_t *argmax = job->argmax + (query * job->Dn + n) * job->Lq;
             for (int64_t lane = 0; lane < job->Lq; lane++)
-                argmax[lane] = q_real[lane] ? index[lane] : -1;
+                argmax[lane] = q_real[lane] ? index[i * lanes + lane] : -1;
         }
     }
 }
 
 static void run_job(Job *job)
 {
-    const int64_t lanes = job->G * LANES;
+    const int64_t lanes = job->Qn * job->G * LANES;
     float *best = malloc(sizeof(float) * lanes * 2);
     int32_t *index = malloc(sizeof(int32_t) * lanes);
     float *inverse_norm = malloc(sizeof(float) * (job->Ld + 1));
     uint8_t *real = malloc(job->Ld + 1);
-    if (best == NULL || index == NULL || inverse_norm == NULL || real == NULL) {
+    float *widened = job->d_type == FLOAT32 ? NULL : malloc(sizeof(float) * BLOCK * job->D);
+    if (best == NULL || index == NULL || inverse_norm == NULL || real == NULL ||
+        (job->d_type != FLOAT32 && widened == NULL)) {
         job->failed = 1;
     } else {
         for (int64_t item = job->first; item < job->last; item++)
-            score_document(job, item, best, best + lanes, index, inverse_norm, real);
+            score_document(job, item, best, best + lanes, index, inverse_norm, real, widened);
     }
     free(best);
     free(index);
     free(inverse_norm);
     free(real);
+    free(widened);
 }
 
 static PyObject *supported(PyObject *self, PyObject *args)
 {
     __builtin_cpu_init();
-    return PyBool_FromLong(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
+    return PyBool_FromLong(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           __builtin_cpu_supports("f16c"));
+}
+
+/* Element i of x (dtype) as float32. */
+static AVX2_F16C float element(const void *x, int dtype, int64_t i)
+{
+    if (dtype == FLOAT32)
+        return ((const float *)x)[i];
+    const uint16_t h = ((const uint16_t *)x)[i];
+    if (dtype == FLOAT16)
+        return _cvtsh_ss(h);
+    const uint32_t bits = (uint32_t)h << 16;
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
 }
 
 /* The queries q [P, Qn, Lq, D] (element strides q_stride) as the tiles read them: columns of LANES query
  * tokens, [P, Qn, G, D, LANES], zero past Lq and L2-normalized when asked, and a byte per lane: 1 for a real
  * token (below Lq and, with q_mask [P, Qn, Lq] of strides q_mask_stride, marked real). */
-static void pack_queries(const float *q, const int64_t *q_stride, const uint8_t *q_mask,
-                         const int64_t *q_mask_stride, int64_t P, int64_t Qn, int64_t Lq, int64_t D, int64_t G,
-                         int normalize, float *columns, uint8_t *real)
+static AVX2_F16C void pack_queries(const void *q, int q_type, const int64_t *q_stride, const uint8_t *q_mask,
+                                   const int64_t *q_mask_stride, int64_t P, int64_t Qn, int64_t Lq, int64_t D,
+                                   int64_t G, int normalize, float *columns, uint8_t *real)
 {
     for (int64_t query = 0; query < P * Qn; query++) {
         const int64_t p = query / Qn, i = query % Qn;
         for (int64_t lane = 0; lane < G * LANES; lane++) {
             float *column = columns + (query * G + lane / LANES) * D * LANES + lane % LANES;
-            const float *token = q + p * q_stride[0] + i * q_stride[1] + lane * q_stride[2];
+            const int64_t token = p * q_stride[0] + i * q_stride[1] + lane * q_stride[2];
             float scale = lane < Lq ? 1.0f : 0.0f;
             if (lane < Lq && normalize) {
                 float squares = 0.0f;
-                for (int64_t k = 0; k < D; k++)
-                    squares += token[k * q_stride[3]] * token[k * q_stride[3]];
+                for (int64_t k = 0; k < D; k++) {
+                    const float x = element(q, q_type, token + k * q_stride[3]);
+                    squares += x * x;
+                }
                 scale = 1.0f / fmaxf(sqrtf(squares), NORMALIZE_EPS);
             }
             for (int64_t k = 0; k < D; k++)
-                column[k * LANES] = scale == 0.0f ? 0.0f : token[k * q_stride[3]] * scale;
+                column[k * LANES] = scale == 0.0f ? 0.0f : element(q, q_type, token + k * q_stride[3]) * scale;
             real[query * G * LANES + lane] =
                 lane < Lq && (q_mask == NULL ||
                               q_mask[p * q_mask_stride[0] + i * q_mask_stride[1] + lane * q_mask_stride[2]]);
@@ -242,20 +314,25 @@ static void pack_queries(const float *q, const int64_t *q_stride, const uint8_t 
 }
 
 /* score((q, q_stride[4]), (q_mask, q_mask_stride[3]), (d, d_stride[3]), (d_mask, d_mask_stride[3]),
- *       (d_start, d_len), P, Qn, Dn, Lq, Ld, D, normalize, out, argmax, threads)
+ *       (d_start, d_len), dtype, P, Qn, Dn, Lq, Ld, D, normalize, out, argmax, threads)
  * Addresses are integers (0: no mask, no argmax; d_start = d_len = 0 for padded documents), strides are in
- * elements, q's and d's of float32, the masks' of bytes; d's embedding axis is contiguous. */
+ * elements; q and d share one dtype (code FLOAT32, FLOAT16 or BFLOAT16), the masks are bytes; d's embedding
+ * axis is contiguous. Scores are float32, accumulated in float32 from the exactly widened inputs. */
 static PyObject *score(PyObject *self, PyObject *args)
 {
     unsigned long long q, q_mask, d, d_mask, d_start, d_len, out, argmax;
     long long q_stride[4], q_mask_stride[3], d_stride[3], d_mask_stride[3], P, Qn, Dn, Lq, Ld, D;
-    int normalize, threads;
-    if (!PyArg_ParseTuple(args, "(K(LLLL))(K(LLL))(K(LLL))(K(LLL))(KK)LLLLLLpKKi", &q, &q_stride[0],
+    int dtype, normalize, threads;
+    if (!PyArg_ParseTuple(args, "(K(LLLL))(K(LLL))(K(LLL))(K(LLL))(KK)iLLLLLLpKKi", &q, &q_stride[0],
                           &q_stride[1], &q_stride[2], &q_stride[3], &q_mask, &q_mask_stride[0],
                           &q_mask_stride[1], &q_mask_stride[2], &d, &d_stride[0], &d_stride[1], &d_stride[2],
-                          &d_mask, &d_mask_stride[0], &d_mask_stride[1], &d_mask_stride[2], &d_start, &d_len, &P,
-                          &Qn, &Dn, &Lq, &Ld, &D, &normalize, &out, &argmax, &threads))
+                          &d_mask, &d_mask_stride[0], &d_mask_stride[1], &d_mask_stride[2], &d_start, &d_len,
+                          &dtype, &P, &Qn, &Dn, &Lq, &Ld, &D, &normalize, &out, &argmax, &threads))
         return NULL;
+    if (dtype != FLOAT32 && dtype != FLOAT16 && dtype != BFLOAT16) {
+        PyErr_Format(PyExc_ValueError, "dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got %d", dtype);
+        return NULL;
+    }
     const int64_t items = P * Dn, G = (Lq + LANES - 1) / LANES;
     if (threads < 1)
         threads = 1;
@@ -273,12 +350,12 @@ static PyObject *score(PyObject *self, PyObject *args)
     } else {
         const int64_t qs[4] = {q_stride[0], q_stride[1], q_stride[2], q_stride[3]};
         const int64_t qms[3] = {q_mask_stride[0], q_mask_stride[1], q_mask_stride[2]};
-        pack_queries((const float *)q, qs, (const uint8_t *)q_mask, qms, P, Qn, Lq, D, G, normalize, columns,
-                     real);
+        pack_queries((const void *)q, dtype, qs, (const uint8_t *)q_mask, qms, P, Qn, Lq, D, G, normalize,
+                     columns, real);
         for (int w = 0; w < threads; w++)
             jobs[w] = (Job){
                 .q_columns = columns, .q_real = real, .P = P, .Qn = Qn, .G = G, .D = D, .Dn = Dn, .Lq = Lq,
-                .d = (const float *)d, .d_stride = {d_stride[0], d_stride[1], d_stride[2]}, .Ld = Ld,
+                .d = (const void *)d, .d_type = dtype, .d_stride = {d_stride[0], d_stride[1], d_stride[2]}, .Ld = Ld,
                 .d_start = (const int64_t *)d_start, .d_len = (const int64_t *)d_len,
                 .d_mask = (const uint8_t *)d_mask,
                 .d_mask_stride = {d_mask_stride[0], d_mask_stride[1], d_mask_stride[2]},
@@ -302,7 +379,7 @@ static PyObject *score(PyObject *self, PyObject *args)
 }
 
 static PyMethodDef methods[] = {
-    {"supported", supported, METH_NOARGS, "Whether this CPU has AVX2 and FMA."},
+    {"supported", supported, METH_NOARGS, "Whether this CPU has AVX2, FMA and F16C."},
     {"score", score, METH_VARARGS, "MaxSim scores (and argmax) of strided queries against strided documents."},
     {NULL, NULL, 0, NULL},
 };
