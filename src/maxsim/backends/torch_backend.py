@@ -8,8 +8,9 @@ caches (L3). All arithmetic is float32 (float64 inputs stay float64).
 Autograd keeps the inputs and the int32 argmax of each (query token, document) only; the backward
 gathers the winning tokens from that argmax, block by block.
 
-Float32 CPU calls of the padded layouts and of varlen all pairs take the AVX2 kernel of ``cpu_kernel``
-instead of the blocks of matrix products, where it is built and the CPU runs it (no similarity block at all).
+CPU calls (float32, float16, bfloat16) of the padded layouts and of varlen all pairs take the AVX2 kernel
+of ``cpu_kernel`` instead of the blocks of matrix products, where it is built and the CPU runs it (no
+similarity block at all).
 """
 
 from __future__ import annotations
