@@ -179,6 +179,32 @@ def test_varlen_all_pairs(cpu_path, normalize):
     assert torch.equal(argmax, ref_argmax)
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-call", "chunked"])
+def test_varlen_listed_pairs(cpu_path, chunked, monkeypatch):
+    """Listed pairs of packed sequences (a group per pair), and every layout with the queries packed a few
+    at a time (``QUERY_BYTES`` forced down: the groups, or one group's queries, split over calls)."""
+    if chunked:
+        monkeypatch.setattr(cpu_kernel, "QUERY_BYTES", 1)
+    g = torch.Generator().manual_seed(9)
+    q_len, d_len = torch.tensor([3, 17, 1, 40]), torch.tensor([5, 1, 64, 13, 7])
+    cu_q = torch.cat([torch.zeros(1), q_len.cumsum(0)]).int()
+    cu_d = torch.cat([torch.zeros(1), d_len.cumsum(0)]).int()
+    q = random_tokens((int(q_len.sum()), 24), torch.float32, generator=g)
+    d = random_tokens((int(d_len.sum()), 24), torch.float32, generator=g)
+    pairs = (torch.tensor([0, 3, 3, 1, 2, 0]), torch.tensor([4, 0, 2, 2, 1, 4]))
+    for kwargs in ({"pairs": pairs}, {}):
+        scores, argmax = maxsim.maxsim_varlen(q, cu_q, d, cu_d, return_argmax=True, **kwargs)
+        ref, ref_argmax = maxsim_varlen_reference(q, cu_q, d, cu_d, **kwargs)
+        assert_scores_close(scores, ref, dtype=torch.float32)
+        assert torch.equal(argmax, ref_argmax)
+    qp, dp = random_tokens((3, 2, 20, 24), torch.float32, generator=g), random_tokens((3, 4, 9, 24), torch.float32, generator=g)
+    for qq, dd in ((qp[:, :, None], dp[:, None]), (qp[0][:, None], dp[0][None])):
+        scores, argmax = maxsim.maxsim(qq, dd, return_argmax=True)
+        ref, ref_argmax = maxsim_reference(qq, dd)
+        assert_scores_close(scores, ref, dtype=torch.float32)
+        assert torch.equal(argmax, ref_argmax)
+
+
 @needs_kernel
 def test_threads_give_the_same_bits(monkeypatch):
     """Work is split over documents, each scored whole by one thread: any thread count, same bits."""

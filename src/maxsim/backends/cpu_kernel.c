@@ -283,20 +283,25 @@ static AVX2_F16C float element(const void *x, int dtype, int64_t i)
     return out;
 }
 
-/* The queries q [P, Qn, Lq, D] (element strides q_stride) as the tiles read them: columns of LANES query
- * tokens, [P, Qn, G, D, LANES], zero past Lq and L2-normalized when asked, and a byte per lane: 1 for a real
- * token (below Lq and, with q_mask [P, Qn, Lq] of strides q_mask_stride, marked real). */
+/* The queries as the tiles read them: columns of LANES query tokens, [P, Qn, G, D, LANES], zero past each
+ * query's tokens and L2-normalized when asked, and a byte per lane, 1 for a real token. Query (p, i) is a
+ * strided q [P, Qn, Lq, D] (element strides q_stride) with an optional byte mask [P, Qn, Lq] (strides
+ * q_mask_stride), or, with q_start / q_len (int64 [P * Qn]), q_len[p * Qn + i] packed tokens from token
+ * q_start[p * Qn + i] of q [T, D] (strides q_stride[2], q_stride[3]). */
 static AVX2_F16C void pack_queries(const void *q, int q_type, const int64_t *q_stride, const uint8_t *q_mask,
-                                   const int64_t *q_mask_stride, int64_t P, int64_t Qn, int64_t Lq, int64_t D,
-                                   int64_t G, int normalize, float *columns, uint8_t *real)
+                                   const int64_t *q_mask_stride, const int64_t *q_start, const int64_t *q_len,
+                                   int64_t P, int64_t Qn, int64_t Lq, int64_t D, int64_t G, int normalize,
+                                   float *columns, uint8_t *real)
 {
     for (int64_t query = 0; query < P * Qn; query++) {
         const int64_t p = query / Qn, i = query % Qn;
+        const int64_t first = q_start != NULL ? q_start[query] * q_stride[2] : p * q_stride[0] + i * q_stride[1];
+        const int64_t tokens = q_len != NULL && q_len[query] < Lq ? q_len[query] : Lq;
         for (int64_t lane = 0; lane < G * LANES; lane++) {
             float *column = columns + (query * G + lane / LANES) * D * LANES + lane % LANES;
-            const int64_t token = p * q_stride[0] + i * q_stride[1] + lane * q_stride[2];
-            float scale = lane < Lq ? 1.0f : 0.0f;
-            if (lane < Lq && normalize) {
+            const int64_t token = first + lane * q_stride[2];
+            float scale = lane < tokens ? 1.0f : 0.0f;
+            if (lane < tokens && normalize) {
                 float squares = 0.0f;
                 for (int64_t k = 0; k < D; k++) {
                     const float x = element(q, q_type, token + k * q_stride[3]);
@@ -307,25 +312,28 @@ static AVX2_F16C void pack_queries(const void *q, int q_type, const int64_t *q_s
             for (int64_t k = 0; k < D; k++)
                 column[k * LANES] = scale == 0.0f ? 0.0f : element(q, q_type, token + k * q_stride[3]) * scale;
             real[query * G * LANES + lane] =
-                lane < Lq && (q_mask == NULL ||
-                              q_mask[p * q_mask_stride[0] + i * q_mask_stride[1] + lane * q_mask_stride[2]]);
+                lane < tokens && (q_mask == NULL ||
+                                  q_mask[p * q_mask_stride[0] + i * q_mask_stride[1] + lane * q_mask_stride[2]]);
         }
     }
 }
 
-/* score((q, q_stride[4]), (q_mask, q_mask_stride[3]), (d, d_stride[3]), (d_mask, d_mask_stride[3]),
- *       (d_start, d_len), dtype, P, Qn, Dn, Lq, Ld, D, normalize, out, argmax, threads)
- * Addresses are integers (0: no mask, no argmax; d_start = d_len = 0 for padded documents), strides are in
+/* score((q, q_stride[4]), (q_mask, q_mask_stride[3]), (q_start, q_len), (d, d_stride[3]),
+ *       (d_mask, d_mask_stride[3]), (d_start, d_len), dtype, P, Qn, Dn, Lq, Ld, D, normalize, out, argmax,
+ *       threads)
+ * Addresses are integers (0: no mask, no argmax; q_start = q_len = 0 for strided queries, d_start = d_len = 0
+ * for padded documents; pack_queries and Job say how each is read), strides are in
  * elements; q and d share one dtype (code FLOAT32, FLOAT16 or BFLOAT16), the masks are bytes; d's embedding
  * axis is contiguous. Scores are float32, accumulated in float32 from the exactly widened inputs. */
 static PyObject *score(PyObject *self, PyObject *args)
 {
-    unsigned long long q, q_mask, d, d_mask, d_start, d_len, out, argmax;
+    unsigned long long q, q_mask, q_start, q_len, d, d_mask, d_start, d_len, out, argmax;
     long long q_stride[4], q_mask_stride[3], d_stride[3], d_mask_stride[3], P, Qn, Dn, Lq, Ld, D;
     int dtype, normalize, threads;
-    if (!PyArg_ParseTuple(args, "(K(LLLL))(K(LLL))(K(LLL))(K(LLL))(KK)iLLLLLLpKKi", &q, &q_stride[0],
+    if (!PyArg_ParseTuple(args, "(K(LLLL))(K(LLL))(KK)(K(LLL))(K(LLL))(KK)iLLLLLLpKKi", &q, &q_stride[0],
                           &q_stride[1], &q_stride[2], &q_stride[3], &q_mask, &q_mask_stride[0],
-                          &q_mask_stride[1], &q_mask_stride[2], &d, &d_stride[0], &d_stride[1], &d_stride[2],
+                          &q_mask_stride[1], &q_mask_stride[2], &q_start, &q_len, &d, &d_stride[0],
+                          &d_stride[1], &d_stride[2],
                           &d_mask, &d_mask_stride[0], &d_mask_stride[1], &d_mask_stride[2], &d_start, &d_len,
                           &dtype, &P, &Qn, &Dn, &Lq, &Ld, &D, &normalize, &out, &argmax, &threads))
         return NULL;
@@ -350,8 +358,8 @@ static PyObject *score(PyObject *self, PyObject *args)
     } else {
         const int64_t qs[4] = {q_stride[0], q_stride[1], q_stride[2], q_stride[3]};
         const int64_t qms[3] = {q_mask_stride[0], q_mask_stride[1], q_mask_stride[2]};
-        pack_queries((const void *)q, dtype, qs, (const uint8_t *)q_mask, qms, P, Qn, Lq, D, G, normalize,
-                     columns, real);
+        pack_queries((const void *)q, dtype, qs, (const uint8_t *)q_mask, qms, (const int64_t *)q_start,
+                     (const int64_t *)q_len, P, Qn, Lq, D, G, normalize, columns, real);
         for (int w = 0; w < threads; w++)
             jobs[w] = (Job){
                 .q_columns = columns, .q_real = real, .P = P, .Qn = Qn, .G = G, .D = D, .Dn = Dn, .Lq = Lq,

@@ -51,6 +51,9 @@ def applies(q: torch.Tensor, d: torch.Tensor) -> bool:
 
 
 _NO_MASK = (0, (0, 0, 0))
+_NOT_PACKED = (None, None)
+LANES = 16  # query tokens per column group of the kernel (cpu_kernel.c)
+QUERY_BYTES = 64 * 2**20  # the most bytes of packed query columns one kernel call holds
 
 
 def _mask(mask: torch.Tensor | None) -> tuple:
@@ -58,41 +61,77 @@ def _mask(mask: torch.Tensor | None) -> tuple:
     return _NO_MASK if mask is None else (mask.data_ptr(), mask.stride())
 
 
-def _run(q, q_mask, d, d_view: tuple, d_mask, packed: tuple, *, documents: int, ld: int, normalize: bool,
-         need_argmax: bool):
-    """Scores ``[P, Qn, Dn]`` and int32 argmax ``[P, Qn, Dn, Lq]`` (or None) of ``q [P, Qn, Lq, D]`` (any
-    strides) against the documents: ``d`` read through ``d_view`` (its strides as ``[P, Dn, Ld]``) and
-    ``packed`` (``(0, 0)``, or int64 ``(starts [Dn], lengths [Dn])`` of packed documents)."""
-    P, Qn, Lq, D = q.shape
-    out = torch.empty(P, Qn, documents, dtype=torch.float32)
-    argmax = torch.empty(P, Qn, documents, Lq, dtype=torch.int32) if need_argmax else None
-    _cpu_kernel.score(
-        (q.data_ptr(), q.stride()), _mask(q_mask), (d.data_ptr(), d_view), _mask(d_mask),
-        tuple(0 if t is None else t.data_ptr() for t in packed), DTYPE_CODES[q.dtype], P, Qn, documents, Lq, ld,
-        D, normalize,
-        out.data_ptr(), 0 if argmax is None else argmax.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
+def _packed(starts_lengths: tuple) -> tuple:
+    return tuple(0 if t is None else t.data_ptr() for t in starts_lengths)
+
+
+def _run(q, q_view, q_mask, q_packed, d, d_view, d_mask, d_packed, *, P, Qn, Dn, Lq, Ld, normalize, need_argmax):
+    """Scores ``[P, Qn, Dn]`` and int32 argmax ``[P, Qn, Dn, Lq]`` (or None): query ``(p, i)`` against the
+    documents ``(p, n)``. ``q`` is read through ``q_view`` (its strides as ``[P, Qn, Lq, D]``) and
+    ``q_packed`` (``(None, None)``, or int64 ``(starts [P*Qn], lengths [P*Qn])`` of packed tokens); ``d``
+    likewise through ``d_view`` (``[P, Dn, Ld]``) and ``d_packed`` (``[P*Dn]``). Masks: bool ``[P, Qn, Lq]`` /
+    ``[P, Dn, Ld]`` or None. The queries are packed ``QUERY_BYTES`` at a time (groups, or the queries of
+    one group)."""
+    D = q.shape[-1]
+    out = torch.empty(P, Qn, Dn, dtype=torch.float32)
+    argmax = torch.empty(P, Qn, Dn, Lq, dtype=torch.int32) if need_argmax else None
+    if out.numel() == 0:
+        return out, argmax
+    step = max(1, QUERY_BYTES // (-(-Lq // LANES) * LANES * D * 4))  # queries per call
+    q_step, p_step = (min(Qn, step), P) if P == 1 else (Qn, max(1, step // Qn))
+    for p0 in range(0, P, p_step):
+        for q0 in range(0, Qn, q_step):
+            p1, q1 = min(P, p0 + p_step), min(Qn, q0 + q_step)
+            queries = slice(p0 * Qn + q0, p0 * Qn + q0 + (p1 - p0) * (q1 - q0))  # of q_packed (q0 = 0 if P > 1)
+            documents = slice(p0 * Dn, p1 * Dn)
+            q_at = q_view[0] * p0 + q_view[1] * q0
+            _cpu_kernel.score(
+                (q.data_ptr() + q.element_size() * q_at, q_view),
+                _mask(None if q_mask is None else q_mask[p0:p1, q0:q1]),
+                _packed(tuple(None if t is None else t[queries] for t in q_packed)),
+                (d.data_ptr() + d.element_size() * d_view[0] * p0, d_view),
+                _mask(None if d_mask is None else d_mask[p0:p1]),
+                _packed(tuple(None if t is None else t[documents] for t in d_packed)),
+                DTYPE_CODES[q.dtype], p1 - p0, q1 - q0, Dn, Lq, Ld, D, normalize,
+                out[p0:p1, q0:q1].data_ptr(), 0 if argmax is None else argmax[p0:p1, q0:q1].data_ptr(),
+                torch.get_num_threads(),
+            )  # fmt: skip
     return out, argmax
 
 
 def forward_padded(q, d, q_mask, d_mask, *, normalize: bool, need_argmax: bool):
-    """``torch_backend.forward_padded`` for the kernel's dtypes (``applies``): scores ``[P, Qn, Dn]`` and int32 argmax
-    ``[P, Qn, Dn, Lq]`` or None of ``q [P, Qn, Lq, D]`` against ``d [P, Dn, Ld, D]``, masks bool
+    """``torch_backend.forward_padded`` for the kernel's dtypes (``applies``): scores ``[P, Qn, Dn]`` and int32
+    argmax ``[P, Qn, Dn, Lq]`` or None of ``q [P, Qn, Lq, D]`` against ``d [P, Dn, Ld, D]``, masks bool
     ``[P, Qn, Lq]`` / ``[P, Dn, Ld]`` or None; both are read in place, whatever their strides."""
+    P, Qn, Lq, _ = q.shape
     return _run(
-        q, q_mask, d, d.stride()[:3], d_mask, (None, None),
-        documents=d.shape[1], ld=d.shape[2], normalize=normalize, need_argmax=need_argmax,
+        q, q.stride(), q_mask, _NOT_PACKED, d, d.stride()[:3], d_mask, _NOT_PACKED,
+        P=P, Qn=Qn, Dn=d.shape[1], Lq=Lq, Ld=d.shape[2], normalize=normalize, need_argmax=need_argmax,
     )  # fmt: skip
 
 
-def forward_varlen_all_pairs(q_padded, q_mask, d, cu_d, *, max_ld: int, normalize: bool, need_argmax: bool):
-    """Scores ``[Nq, Nd]`` and int32 argmax ``[Nq, Nd, Lq]`` or None of padded queries
-    ``q_padded [Nq, Lq, D]`` (bool ``q_mask [Nq, Lq]``) against packed documents ``d [Td, D]`` cut by
-    ``cu_d [Nd+1]`` (``applies``)."""
-    starts = cu_d.to(torch.int64)
+def _sequences(cu: torch.Tensor, ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 ``(starts, lengths)`` of the packed sequences ``ids`` (all of them when None) of ``cu``."""
+    cu = cu.to(torch.int64)
+    starts, ends = (cu[:-1], cu[1:]) if ids is None else (cu[ids], cu[ids + 1])
+    return starts.contiguous(), (ends - starts).contiguous()
+
+
+def forward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq: int, max_ld: int, normalize: bool, need_argmax: bool):
+    """``torch_backend.forward_varlen`` for the kernel's dtypes (``applies``): packed ``q [Tq, D]`` and
+    ``d [Td, D]`` read in place; all pairs (``q_ids`` None): scores ``[Nq, Nd]``, argmax ``[Nq, Nd, max_lq]``;
+    listed pairs: ``[P]`` and ``[P, max_lq]`` (argmax -1 beyond a query's tokens)."""
+    q_seq, d_seq = _sequences(cu_q, q_ids), _sequences(cu_d, d_ids)
+    d_seq = (d_seq[0] * d.stride(0), d_seq[1])
+    q_view, d_view = (0, 0, q.stride(0), q.stride(1)), (0, 0, d.stride(0))
+    if q_ids is None:  # one group: every query against every document
+        P, Qn, Dn = 1, q_seq[0].shape[0], d_seq[0].shape[0]
+    else:  # a group per pair
+        P, Qn, Dn = q_ids.shape[0], 1, 1
     scores, argmax = _run(
-        q_padded[None], q_mask[None], d, (0, 0, d.stride(0)), None,
-        ((starts[:-1] * d.stride(0)).contiguous(), (starts[1:] - starts[:-1]).contiguous()),
-        documents=starts.shape[0] - 1, ld=max_ld, normalize=normalize, need_argmax=need_argmax,
+        q, q_view, None, q_seq, d, d_view, None, d_seq,
+        P=P, Qn=Qn, Dn=Dn, Lq=max_lq, Ld=max_ld, normalize=normalize, need_argmax=need_argmax,
     )  # fmt: skip
-    return scores[0], None if argmax is None else argmax[0]
+    if q_ids is None:
+        return scores[0], None if argmax is None else argmax[0]
+    return scores.view(P), None if argmax is None else argmax.view(P, max_lq)

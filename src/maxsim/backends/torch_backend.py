@@ -8,7 +8,7 @@ caches (L3). All arithmetic is float32 (float64 inputs stay float64).
 Autograd keeps the inputs and the int32 argmax of each (query token, document) only; the backward
 gathers the winning tokens from that argmax, block by block.
 
-CPU calls (float32, float16, bfloat16) of the padded layouts and of varlen all pairs take the AVX2 kernel
+CPU calls (float32, float16, bfloat16) of the padded layouts and of varlen sequences take the AVX2 kernel
 of ``cpu_kernel`` instead of the blocks of matrix products, where it is built and the CPU runs it (no
 similarity block at all).
 """
@@ -345,11 +345,11 @@ def forward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq, max_ld, normalize,
     gather_limit = _similarity_block_bytes(q.device, budget) // (4 if q.device.type == "cpu" else 1)
     copies_d = normalize or d.dtype != _compute_dtype(d.dtype)  # a packed block is then copied too
     similarity_rows = _similarity_block_bytes(q.device, budget) // ((q.shape[0] + copies_d * D) * item)
-    if q_ids is None and cpu_kernel.applies(q, d):
-        q_padded, q_mask = _padded_sequences(q, cu_q, torch.arange(cu_q.shape[0] - 1), max_lq)
-        return cpu_kernel.forward_varlen_all_pairs(
-            q_padded, q_mask, d, cu_d, max_ld=max_ld, normalize=normalize, need_argmax=need_argmax
-        )
+    if cpu_kernel.applies(q, d):
+        return cpu_kernel.forward_varlen(
+            q, cu_q, d, cu_d, q_ids, d_ids, max_lq=max_lq, max_ld=max_ld, normalize=normalize,
+            need_argmax=need_argmax,
+        )  # fmt: skip
     if q_ids is None and not need_argmax and q.device.type == "cpu" and max_ld <= similarity_rows:
         return _all_pairs_scores_packed(q, cu_q, d, cu_d, normalize=normalize, rows=similarity_rows), None
     if q_ids is None:  # all pairs: every query against blocks of padded documents
