@@ -153,9 +153,13 @@ static AVX2_F16C void score_document(const Job *job, int64_t item, float *best, 
     int64_t len = job->d_len != NULL ? job->d_len[item] : job->Ld;
     const char *doc = (const char *)job->d +
                       size * (job->d_start != NULL ? job->d_start[item] : p * job->d_stride[0] + n * job->d_stride[1]);
-    const uint8_t *mask = job->d_mask + p * job->d_mask_stride[0] + n * job->d_mask_stride[1];
-    for (int64_t t = 0; t < len; t++)
-        real[t] = job->d_mask == NULL || mask[t * job->d_mask_stride[2]];
+    if (job->d_mask == NULL) {
+        memset(real, 1, len);
+    } else {
+        const uint8_t *mask = job->d_mask + p * job->d_mask_stride[0] + n * job->d_mask_stride[1];
+        for (int64_t t = 0; t < len; t++)
+            real[t] = mask[t * job->d_mask_stride[2]] != 0;
+    }
     while (len > 0 && !real[len - 1]) /* the padding after the last real token costs no tile */
         len--;
     for (int64_t lane = 0; lane < job->Qn * lanes; lane++) {
