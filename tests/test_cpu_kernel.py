@@ -206,6 +206,32 @@ def test_varlen_listed_pairs(cpu_path, chunked, monkeypatch):
 
 
 @needs_kernel
+def test_malformed_offsets_read_nothing_outside(monkeypatch):
+    """validate=False with offsets that point outside the tokens, decrease, or exceed max_seqlen: the result
+    is undefined (DESIGN.md), but the kernel reads no memory outside q and d (a torch index error may come
+    first); an AddressSanitizer build of the extension checks the "no read" part. (The matrix-product path
+    is not run here: its torch ops are not bounded against such offsets.)"""
+    monkeypatch.setenv("MAXSIM_BACKEND", "torch")
+    monkeypatch.delenv("MAXSIM_CPU_KERNEL", raising=False)
+    g = torch.Generator().manual_seed(10)
+    q, d = random_tokens((9, 16), torch.float32, generator=g), random_tokens((30, 16), torch.float32, generator=g)
+    good_q, good_d = torch.tensor([0, 4, 9]), torch.tensor([0, 10, 25, 30])
+    cases = [
+        (torch.tensor([0, 4, 90]), good_d, {}),  # past the last query token
+        (good_q, torch.tensor([0, 25, 10, 30]), {}),  # decreasing
+        (good_q, torch.tensor([-40, 10, 25, 300]), {}),  # negative start, past the end
+        (good_q, good_d, {"max_seqlen_q": 2, "max_seqlen_d": 3}),  # shorter than the sequences
+        (good_q, good_d, {"pairs": (torch.tensor([0, -1]), torch.tensor([-1, -3]))}),  # negative ids
+    ]
+    for cu_q, cu_d, kwargs in cases:
+        try:
+            scores = maxsim.maxsim_varlen(q, cu_q.int(), d, cu_d.int(), validate=False, **kwargs)
+        except (IndexError, RuntimeError):
+            continue
+        assert scores.dtype == torch.float32
+
+
+@needs_kernel
 def test_threads_give_the_same_bits(monkeypatch):
     """Work is split over documents, each scored whole by one thread: any thread count, same bits."""
     monkeypatch.setenv("MAXSIM_BACKEND", "torch")

@@ -9,7 +9,7 @@
  *
  * Queries are read through their strides (and packed, once per call); documents are a padded [P, Dn, Ld]
  * view (any strides but a contiguous embedding axis, an optional byte mask, 1 = real token) or packed
- * sequences (the element offset of each document's first token and its length), scored BLOCK tokens at a
+ * sequences (each document's first token and its length), scored BLOCK tokens at a
  * time by every query of their group; float16/bfloat16 blocks are first widened into a float32 buffer.
  * Work is split over (group, document) items between OpenMP threads; the Python caller holds no lock
  * meanwhile.
@@ -38,8 +38,9 @@ typedef struct {
     int d_type;
     int64_t d_stride[3];     /* of d as [P, Dn, Ld] (padded documents), in elements; [2]: between tokens */
     int64_t Ld;              /* tokens per padded document; the longest packed one */
-    const int64_t *d_start;  /* NULL (padded), or [Dn] element offset of each packed document (P = 1) */
-    const int64_t *d_len;    /* NULL (padded), or [Dn] tokens of each packed document */
+    const int64_t *d_start;  /* NULL (padded), or [P * Dn] first token of each packed document */
+    const int64_t *d_len;    /* NULL (padded), or [P * Dn] tokens of each packed document */
+    int64_t d_tokens;        /* packed documents: the tokens of d */
     const uint8_t *d_mask;   /* NULL, or a byte per padded token, strides d_mask_stride */
     int64_t d_mask_stride[3];
     int normalize;   /* divide each similarity by its document token's norm (queries come normalized) */
@@ -150,9 +151,15 @@ static AVX2_F16C void score_document(const Job *job, int64_t item, float *best, 
 {
     const int64_t p = item / job->Dn, n = item % job->Dn, D = job->D, G = job->G, lanes = G * LANES;
     const int64_t stride = job->d_stride[2], size = job->d_type == FLOAT32 ? 4 : 2;
-    int64_t len = job->d_len != NULL ? job->d_len[item] : job->Ld;
-    const char *doc = (const char *)job->d +
-                      size * (job->d_start != NULL ? job->d_start[item] : p * job->d_stride[0] + n * job->d_stride[1]);
+    int64_t len = job->Ld, offset = p * job->d_stride[0] + n * job->d_stride[1];
+    if (job->d_len != NULL) { /* at most Ld tokens, none for offsets outside d (validate=False): no stray read */
+        const int64_t start = job->d_start[item];
+        len = job->d_len[item] < job->Ld ? job->d_len[item] : job->Ld;
+        if (start < 0 || len < 0 || start > job->d_tokens - len)
+            len = 0;
+        offset = len > 0 ? start * stride : 0;
+    }
+    const char *doc = (const char *)job->d + size * offset;
     if (job->d_mask == NULL) {
         memset(real, 1, len);
     } else {
@@ -291,16 +298,21 @@ static AVX2_F16C float element(const void *x, int dtype, int64_t i)
  * query's tokens and L2-normalized when asked, and a byte per lane, 1 for a real token. Query (p, i) is a
  * strided q [P, Qn, Lq, D] (element strides q_stride) with an optional byte mask [P, Qn, Lq] (strides
  * q_mask_stride), or, with q_start / q_len (int64 [P * Qn]), q_len[p * Qn + i] packed tokens from token
- * q_start[p * Qn + i] of q [T, D] (strides q_stride[2], q_stride[3]). */
+ * q_start[p * Qn + i] of q [q_tokens, D] (strides q_stride[2], q_stride[3]). */
 static AVX2_F16C void pack_queries(const void *q, int q_type, const int64_t *q_stride, const uint8_t *q_mask,
                                    const int64_t *q_mask_stride, const int64_t *q_start, const int64_t *q_len,
-                                   int64_t P, int64_t Qn, int64_t Lq, int64_t D, int64_t G, int normalize,
-                                   float *columns, uint8_t *real)
+                                   int64_t q_tokens, int64_t P, int64_t Qn, int64_t Lq, int64_t D, int64_t G,
+                                   int normalize, float *columns, uint8_t *real)
 {
     for (int64_t query = 0; query < P * Qn; query++) {
         const int64_t p = query / Qn, i = query % Qn;
-        const int64_t first = q_start != NULL ? q_start[query] * q_stride[2] : p * q_stride[0] + i * q_stride[1];
-        const int64_t tokens = q_len != NULL && q_len[query] < Lq ? q_len[query] : Lq;
+        int64_t tokens = Lq, first = p * q_stride[0] + i * q_stride[1];
+        if (q_start != NULL) { /* at most Lq tokens, none for offsets outside q (validate=False) */
+            tokens = q_len[query] < Lq ? q_len[query] : Lq;
+            if (q_start[query] < 0 || tokens < 0 || q_start[query] > q_tokens - tokens)
+                tokens = 0;
+            first = tokens > 0 ? q_start[query] * q_stride[2] : 0;
+        }
         for (int64_t lane = 0; lane < G * LANES; lane++) {
             float *column = columns + (query * G + lane / LANES) * D * LANES + lane % LANES;
             const int64_t token = first + lane * q_stride[2];
@@ -322,9 +334,9 @@ static AVX2_F16C void pack_queries(const void *q, int q_type, const int64_t *q_s
     }
 }
 
-/* score((q, q_stride[4]), (q_mask, q_mask_stride[3]), (q_start, q_len), (d, d_stride[3]),
- *       (d_mask, d_mask_stride[3]), (d_start, d_len), dtype, P, Qn, Dn, Lq, Ld, D, normalize, out, argmax,
- *       threads)
+/* score((q, q_stride[4]), (q_mask, q_mask_stride[3]), (q_start, q_len, q_tokens), (d, d_stride[3]),
+ *       (d_mask, d_mask_stride[3]), (d_start, d_len, d_tokens), dtype, P, Qn, Dn, Lq, Ld, D, normalize, out,
+ *       argmax, threads)
  * Addresses are integers (0: no mask, no argmax; q_start = q_len = 0 for strided queries, d_start = d_len = 0
  * for padded documents; pack_queries and Job say how each is read), strides are in
  * elements; q and d share one dtype (code FLOAT32, FLOAT16 or BFLOAT16), the masks are bytes; d's embedding
@@ -332,14 +344,14 @@ static AVX2_F16C void pack_queries(const void *q, int q_type, const int64_t *q_s
 static PyObject *score(PyObject *self, PyObject *args)
 {
     unsigned long long q, q_mask, q_start, q_len, d, d_mask, d_start, d_len, out, argmax;
-    long long q_stride[4], q_mask_stride[3], d_stride[3], d_mask_stride[3], P, Qn, Dn, Lq, Ld, D;
+    long long q_stride[4], q_mask_stride[3], d_stride[3], d_mask_stride[3], q_tokens, d_tokens;
+    long long P, Qn, Dn, Lq, Ld, D;
     int dtype, normalize, threads;
-    if (!PyArg_ParseTuple(args, "(K(LLLL))(K(LLL))(KK)(K(LLL))(K(LLL))(KK)iLLLLLLpKKi", &q, &q_stride[0],
+    if (!PyArg_ParseTuple(args, "(K(LLLL))(K(LLL))(KKL)(K(LLL))(K(LLL))(KKL)iLLLLLLpKKi", &q, &q_stride[0],
                           &q_stride[1], &q_stride[2], &q_stride[3], &q_mask, &q_mask_stride[0],
-                          &q_mask_stride[1], &q_mask_stride[2], &q_start, &q_len, &d, &d_stride[0],
-                          &d_stride[1], &d_stride[2],
-                          &d_mask, &d_mask_stride[0], &d_mask_stride[1], &d_mask_stride[2], &d_start, &d_len,
-                          &dtype, &P, &Qn, &Dn, &Lq, &Ld, &D, &normalize, &out, &argmax, &threads))
+                          &q_mask_stride[1], &q_mask_stride[2], &q_start, &q_len, &q_tokens, &d, &d_stride[0],
+                          &d_stride[1], &d_stride[2], &d_mask, &d_mask_stride[0], &d_mask_stride[1],
+                          &d_mask_stride[2], &d_start, &d_len, &d_tokens, &dtype, &P, &Qn, &Dn, &Lq, &Ld, &D, &normalize, &out, &argmax, &threads))
         return NULL;
     if (dtype != FLOAT32 && dtype != FLOAT16 && dtype != BFLOAT16) {
         PyErr_Format(PyExc_ValueError, "dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got %d", dtype);
@@ -363,12 +375,12 @@ static PyObject *score(PyObject *self, PyObject *args)
         const int64_t qs[4] = {q_stride[0], q_stride[1], q_stride[2], q_stride[3]};
         const int64_t qms[3] = {q_mask_stride[0], q_mask_stride[1], q_mask_stride[2]};
         pack_queries((const void *)q, dtype, qs, (const uint8_t *)q_mask, qms, (const int64_t *)q_start,
-                     (const int64_t *)q_len, P, Qn, Lq, D, G, normalize, columns, real);
+                     (const int64_t *)q_len, q_tokens, P, Qn, Lq, D, G, normalize, columns, real);
         for (int w = 0; w < threads; w++)
             jobs[w] = (Job){
                 .q_columns = columns, .q_real = real, .P = P, .Qn = Qn, .G = G, .D = D, .Dn = Dn, .Lq = Lq,
                 .d = (const void *)d, .d_type = dtype, .d_stride = {d_stride[0], d_stride[1], d_stride[2]}, .Ld = Ld,
-                .d_start = (const int64_t *)d_start, .d_len = (const int64_t *)d_len,
+                .d_start = (const int64_t *)d_start, .d_len = (const int64_t *)d_len, .d_tokens = d_tokens,
                 .d_mask = (const uint8_t *)d_mask,
                 .d_mask_stride = {d_mask_stride[0], d_mask_stride[1], d_mask_stride[2]},
                 .normalize = normalize, .out = (float *)out, .argmax = (int32_t *)argmax,

@@ -61,14 +61,16 @@ def _mask(mask: torch.Tensor | None) -> tuple:
     return _NO_MASK if mask is None else (mask.data_ptr(), mask.stride())
 
 
-def _packed(starts_lengths: tuple) -> tuple:
-    return tuple(0 if t is None else t.data_ptr() for t in starts_lengths)
+def _packed(starts_lengths: tuple, x: torch.Tensor) -> tuple:
+    """Packed sequences ``(starts, lengths)`` of ``x [T, D]`` (or ``(None, None)``) as the kernel takes them."""
+    return (*(0 if t is None else t.data_ptr() for t in starts_lengths), x.shape[0])
 
 
 def _run(q, q_view, q_mask, q_packed, d, d_view, d_mask, d_packed, *, P, Qn, Dn, Lq, Ld, normalize, need_argmax):
     """Scores ``[P, Qn, Dn]`` and int32 argmax ``[P, Qn, Dn, Lq]`` (or None): query ``(p, i)`` against the
     documents ``(p, n)``. ``q`` is read through ``q_view`` (its strides as ``[P, Qn, Lq, D]``) and
-    ``q_packed`` (``(None, None)``, or int64 ``(starts [P*Qn], lengths [P*Qn])`` of packed tokens); ``d``
+    ``q_packed`` (``(None, None)``, or int64 ``(starts [P*Qn], lengths [P*Qn])`` of packed tokens, rows of
+    ``q``; sequences outside ``q`` count as empty); ``d``
     likewise through ``d_view`` (``[P, Dn, Ld]``) and ``d_packed`` (``[P*Dn]``). Masks: bool ``[P, Qn, Lq]`` /
     ``[P, Dn, Ld]`` or None. The queries are packed ``QUERY_BYTES`` at a time (groups, or the queries of
     one group)."""
@@ -88,10 +90,10 @@ def _run(q, q_view, q_mask, q_packed, d, d_view, d_mask, d_packed, *, P, Qn, Dn,
             _cpu_kernel.score(
                 (q.data_ptr() + q.element_size() * q_at, q_view),
                 _mask(None if q_mask is None else q_mask[p0:p1, q0:q1]),
-                _packed(tuple(None if t is None else t[queries] for t in q_packed)),
+                _packed(tuple(None if t is None else t[queries] for t in q_packed), q),
                 (d.data_ptr() + d.element_size() * d_view[0] * p0, d_view),
                 _mask(None if d_mask is None else d_mask[p0:p1]),
-                _packed(tuple(None if t is None else t[documents] for t in d_packed)),
+                _packed(tuple(None if t is None else t[documents] for t in d_packed), d),
                 DTYPE_CODES[q.dtype], p1 - p0, q1 - q0, Dn, Lq, Ld, D, normalize,
                 out[p0:p1, q0:q1].data_ptr(), 0 if argmax is None else argmax[p0:p1, q0:q1].data_ptr(),
                 torch.get_num_threads(),
@@ -122,7 +124,6 @@ def forward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq: int, max_ld: int, 
     ``d [Td, D]`` read in place; all pairs (``q_ids`` None): scores ``[Nq, Nd]``, argmax ``[Nq, Nd, max_lq]``;
     listed pairs: ``[P]`` and ``[P, max_lq]`` (argmax -1 beyond a query's tokens)."""
     q_seq, d_seq = _sequences(cu_q, q_ids), _sequences(cu_d, d_ids)
-    d_seq = (d_seq[0] * d.stride(0), d_seq[1])
     q_view, d_view = (0, 0, q.stride(0), q.stride(1)), (0, 0, d.stride(0))
     if q_ids is None:  # one group: every query against every document
         P, Qn, Dn = 1, q_seq[0].shape[0], d_seq[0].shape[0]
