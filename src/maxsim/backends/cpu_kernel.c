@@ -118,29 +118,35 @@ INLINE AVX2 void tile(const int R, const int ARGMAX, const float *const *rows, i
     _mm256_storeu_ps(nan + 8, nan1);
 }
 
-/* Token x (D elements of type dtype) as float32 into out. */
+/* Element i of x (dtype) as float32. */
+static AVX2_F16C float element(const void *x, int dtype, int64_t i)
+{
+    if (dtype == FLOAT32)
+        return ((const float *)x)[i];
+    const uint16_t h = ((const uint16_t *)x)[i];
+    if (dtype == FLOAT16)
+        return _cvtsh_ss(h);
+    const uint32_t bits = (uint32_t)h << 16;
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
+
+/* Token x (D elements of the 16-bit dtype FLOAT16 or BFLOAT16) as float32 into out: 8 at a time, then
+ * element by element. */
 static AVX2_F16C void widen(const void *x, int dtype, int64_t D, float *out)
 {
+    const uint16_t *h = x;
     int64_t k = 0;
-    if (dtype == FLOAT16) {
-        const uint16_t *h = x;
-        for (; k + 8 <= D; k += 8)
-            _mm256_storeu_ps(out + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + k))));
-        for (; k < D; k++)
-            out[k] = _cvtsh_ss(h[k]);
-    } else if (dtype == BFLOAT16) {
-        const uint16_t *h = x;
-        for (; k + 8 <= D; k += 8) {
-            const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(h + k)));
-            _mm256_storeu_ps(out + k, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
-        }
-        for (; k < D; k++) {
-            const uint32_t bits = (uint32_t)h[k] << 16;
-            memcpy(out + k, &bits, sizeof bits);
-        }
-    } else {
-        memcpy(out, x, sizeof(float) * D);
+    for (; k + 8 <= D; k += 8) {
+        const __m128i half = _mm_loadu_si128((const __m128i *)(h + k));
+        const __m256 wide = dtype == FLOAT16
+                                ? _mm256_cvtph_ps(half)
+                                : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+        _mm256_storeu_ps(out + k, wide);
     }
+    for (; k < D; k++)
+        out[k] = element(x, dtype, k);
 }
 
 /* Scores (and argmax) of every query of group p against document item (p, n), BLOCK tokens at a time (each
@@ -278,20 +284,6 @@ static PyObject *supported(PyObject *self, PyObject *args)
     __builtin_cpu_init();
     return PyBool_FromLong(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                            __builtin_cpu_supports("f16c"));
-}
-
-/* Element i of x (dtype) as float32. */
-static AVX2_F16C float element(const void *x, int dtype, int64_t i)
-{
-    if (dtype == FLOAT32)
-        return ((const float *)x)[i];
-    const uint16_t h = ((const uint16_t *)x)[i];
-    if (dtype == FLOAT16)
-        return _cvtsh_ss(h);
-    const uint32_t bits = (uint32_t)h << 16;
-    float out;
-    memcpy(&out, &bits, sizeof out);
-    return out;
 }
 
 /* The queries as the tiles read them: columns of LANES query tokens, [P, Qn, G, D, LANES], zero past each
