@@ -337,6 +337,11 @@ def forward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq, max_ld, normalize,
     Returns:
         scores ``[Nq, Nd]`` or ``[P]`` and int32 argmax ``[..., max_lq]`` (-1 beyond a query) or None.
     """
+    if cpu_kernel.applies(q, d):
+        return cpu_kernel.forward_varlen(
+            q, cu_q, d, cu_d, q_ids, d_ids, max_lq=max_lq, max_ld=max_ld, normalize=normalize,
+            need_argmax=need_argmax,
+        )  # fmt: skip
     D = q.shape[-1]
     item = torch.finfo(_compute_dtype(q.dtype)).bits // 8
     # Padded copies are made a few MiB at a time on the CPU (cache-sized gathers run several times faster)
@@ -345,11 +350,6 @@ def forward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq, max_ld, normalize,
     gather_limit = _similarity_block_bytes(q.device, budget) // (4 if q.device.type == "cpu" else 1)
     copies_d = normalize or d.dtype != _compute_dtype(d.dtype)  # a packed block is then copied too
     similarity_rows = _similarity_block_bytes(q.device, budget) // ((q.shape[0] + copies_d * D) * item)
-    if cpu_kernel.applies(q, d):
-        return cpu_kernel.forward_varlen(
-            q, cu_q, d, cu_d, q_ids, d_ids, max_lq=max_lq, max_ld=max_ld, normalize=normalize,
-            need_argmax=need_argmax,
-        )  # fmt: skip
     if q_ids is None and not need_argmax and q.device.type == "cpu" and max_ld <= similarity_rows:
         return _all_pairs_scores_packed(q, cu_q, d, cu_d, normalize=normalize, rows=similarity_rows), None
     if q_ids is None:  # all pairs: every query against blocks of padded documents
