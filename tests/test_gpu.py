@@ -309,6 +309,7 @@ def _opcheck_cases():
     q_mask = tokens((2, 1, 33), torch.float32, 30) > -0.5
     d_mask = tokens((2, 5, 70), torch.float32, 31) > -0.5
     d_mask[..., 0] = True
+    d_lengths = torch.tensor([[70, 1, 33, 64, 5], [2, 69, 70, 17, 40]], device=CUDA)
     qv, dv = tokens((40, 64), torch.float16, 32), tokens((90, 64), torch.float16, 33)
     cu_q = torch.tensor([0, 7, 40], dtype=torch.int32, device=CUDA)
     cu_d = torch.tensor([0, 30, 31, 90], dtype=torch.int64, device=CUDA)
@@ -316,16 +317,17 @@ def _opcheck_cases():
     argmax = torch.randint(-1, 70, (2, 1, 5, 33), dtype=torch.int32, device=CUDA)
     grad = tokens((2, 1, 5), torch.float32, 34)
     return [
-        ("fwd_padded", (q, d, None, None, False, False)),
-        ("fwd_padded", (q, d, q_mask, d_mask, True, True)),
-        ("fwd_padded", (q.float().requires_grad_(), d.float().requires_grad_(), q_mask, d_mask, False, True)),
+        ("fwd_padded", (q, d, None, None, None, False, False)),
+        ("fwd_padded", (q, d, q_mask, d_mask, None, True, True)),
+        ("fwd_padded", (q.float().requires_grad_(), d.float().requires_grad_(), q_mask, d_mask, None, False, True)),
+        ("fwd_padded", (q.float().requires_grad_(), d.float().requires_grad_(), q_mask, None, d_lengths, True, False)),
         ("fwd_varlen", (qv, cu_q, dv, cu_d, None, None, 33, 60, False, True)),
         ("fwd_varlen", (qv.float().requires_grad_(), cu_q, dv.float().requires_grad_(), cu_d, *ids, 33, 60, True, False)),
         ("bwd_padded", (q, d, argmax, grad, False, True, True)),
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(7))
 def test_opcheck(case):
     name, args = _opcheck_cases()[case]
     torch.library.opcheck(getattr(torch.ops.maxsim, name).default, args)

@@ -187,7 +187,7 @@ def test_packed_queries(lane_max, n_split, dtype):
     """Several short queries per program (QPACK): 5 queries of 13 tokens in blocks of 4 x 16 rows (the last
     block half empty), masks on both sides, integer ties, D chunks, split documents."""
     cfg = dataclasses.replace(PACKED, lane_max=lane_max)
-    flags = (True, True, False, True, "ieee")
+    flags = (True, True, False, False, True, "ieee")  # q mask, d mask, d lengths, normalize, argmax, prec
     plan = forward._padded_plan(torch.device(DEVICE), dtype, 2, 5, 13, 20, 3, 37, flags, cfg, n_split)
     assert plan[-1]["QPACK"] == 4 and plan[-1]["BLOCK_Q"] == 64
     g = torch.Generator().manual_seed(11)
@@ -295,6 +295,40 @@ def test_document_without_real_token(n_split):
     assert scores[0, 0, 1].item() == float("-inf")
     assert (argmax[0, 0, 1] == -1).all()
     check(scores, argmax, q[:, :, None], d[:, None], d_mask=d_mask[:, None])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("cfg", [SMALL, SMALL_TILE_MAX], ids=["lane-max", "tile-max"])
+@pytest.mark.parametrize("n_split", [None, 3])
+def test_document_lengths(n_split, cfg, dtype):
+    """``d_lengths`` read as lengths by the kernel: int32 and int64, a broadcast (zero-stride) view, integer
+    ties, splits; values outside ``[1, Ld]`` (validate=False) are clamped: none real scores -inf / -1."""
+    g = torch.Generator().manual_seed(19)
+    q = integer_tokens((2, 2, 20, 20), dtype, generator=g)
+    d = integer_tokens((2, 5, 40, 20), dtype, generator=g)
+    lengths = torch.tensor([[40, 1, 17, 33, 16], [2, 39, 99, 0, -3]])
+    clamped = lengths.clamp(0, 40)
+    q_mask = torch.rand(2, 2, 20, generator=g) < 0.8
+    qd, dd, qm = to_dev(q, d, q_mask)
+    for lengths_dev in (lengths.to(DEVICE), lengths.to(DEVICE, torch.int32)):
+        scores, argmax = maxsim_fwd(
+            qd, dd, qm, None, d_lengths=lengths_dev, normalize=False, return_argmax=True, config=cfg,
+            n_split=n_split,
+        )  # fmt: skip
+        ref, ref_argmax = maxsim_reference(
+            q[:, :, None], d[:, None], q_mask=q_mask[:, :, None], d_mask=lengths_to_mask(clamped, 40)[:, None]
+        )
+        assert torch.equal(argmax.cpu(), ref_argmax)
+        assert torch.equal(scores.cpu().double(), ref)
+    one = torch.tensor([7, 40, 1], device=DEVICE)[None].expand(2, 3)  # zero stride over the groups
+    scores, argmax = maxsim_fwd(
+        qd, dd[:, :3], qm, None, d_lengths=one, normalize=False, return_argmax=True, config=cfg, n_split=n_split
+    )
+    by_mask, mask_argmax = maxsim_fwd(
+        qd, dd[:, :3], qm, lengths_to_mask(one, 40), normalize=False, return_argmax=True, config=cfg,
+        n_split=n_split,
+    )  # fmt: skip
+    assert torch.equal(scores, by_mask) and torch.equal(argmax, mask_argmax)
 
 
 def ragged(g, lengths, dim, dtype, cu_dtype=torch.int32):
@@ -511,20 +545,22 @@ def _opcheck_cases():
     d_mask = torch.rand(2, 3, 7, generator=g) < 0.7
     d_mask[..., 0] = True
     q_mask = torch.rand(2, 1, 5, generator=g) < 0.7
+    d_lengths = torch.tensor([[7, 1, 4], [2, 6, 7]], dtype=torch.int32)
     qv, cu_q = ragged(g, [3, 5], 16, torch.float32)
     dv, cu_d = ragged(g, [4, 9, 2], 16, torch.float32)
     ids = (torch.tensor([0, 1, 1]), torch.tensor([2, 0, 1]))
-    q, d, q_mask, d_mask, qv, cu_q, dv, cu_d = to_dev(q, d, q_mask, d_mask, qv, cu_q, dv, cu_d)
+    q, d, q_mask, d_mask, d_lengths, qv, cu_q, dv, cu_d = to_dev(q, d, q_mask, d_mask, d_lengths, qv, cu_q, dv, cu_d)
     ids = tuple(to_dev(*ids))
     return [
-        ("fwd_padded", (q, d, None, None, False, True)),
-        ("fwd_padded", (q.requires_grad_(), d.requires_grad_(), q_mask, d_mask, True, False)),
+        ("fwd_padded", (q, d, None, None, None, False, True)),
+        ("fwd_padded", (q.requires_grad_(), d.requires_grad_(), q_mask, d_mask, None, True, False)),
+        ("fwd_padded", (q, d, q_mask, None, d_lengths, False, True)),
         ("fwd_varlen", (qv, cu_q, dv, cu_d, None, None, 5, 9, False, True)),
         ("fwd_varlen", (qv.requires_grad_(), cu_q, dv.requires_grad_(), cu_d, *ids, 5, 9, True, True)),
     ]
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_opcheck(case):
     """``torch.library.opcheck``: schema, fake kernel, autograd registration, AOT dispatch."""
     name, args = _opcheck_cases()[case]

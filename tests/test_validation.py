@@ -849,3 +849,55 @@ def test_success_writes_nothing(call, validate):
         assert all(result.data_ptr() != tensor.data_ptr() for tensor, _, _ in found), (
             "a result aliases an input"
         )
+
+
+def test_values_checked_once_per_tensor_version(monkeypatch):
+    """A tensor whose values passed is not read again (no sync in a search's repeat calls) until torch changes
+    it in place, through itself or a view; another tensor with the same values and an inference tensor are
+    checked again; a failed check is not remembered."""
+    reads = []
+    aminmax = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda x, **kw: reads.append(1) or aminmax(x, **kw))
+    q, d = tokens(5, 4), tokens(7, 4)
+    cu_q, cu_d = index([0, 2, 5]), index([0, 3, 4, 7])
+
+    def varlen(cu_d=cu_d, **kw):
+        return maxsim.maxsim_varlen(q, cu_q, d, cu_d, **kw)
+
+    expected = varlen()
+    assert len(reads) == 2  # cu_seqlens_q and cu_seqlens_d, once each
+    assert torch.equal(varlen(), expected) and len(reads) == 2
+    pairs = (index([0, 1]), index([2, 0]))
+    varlen(pairs=pairs)
+    varlen(pairs=pairs)
+    assert len(reads) == 4  # the pair ids, once each
+    cu_d[1:2].fill_(0)  # through a view: sequence 0 is now empty
+    with pytest.raises(ValueError, match="empty segment"):
+        varlen()
+    with pytest.raises(ValueError, match="empty segment"):  # a failure is not remembered
+        varlen()
+    cu_d[1] = 3
+    varlen(cu_d=index([0, 3, 4, 7]))
+    reads.clear()
+    varlen(cu_d=index([0, 3, 4, 7]))  # another tensor
+    assert len(reads) == 1
+    with torch.inference_mode():
+        cu_inference = index([0, 3, 4, 7])
+    varlen(cu_d=cu_inference)
+    varlen(cu_d=cu_inference)
+    assert len(reads) == 3
+
+    qp, dp = tokens(2, 3, 4), tokens(2, 5, 4)
+    lengths = index([5, 2])
+    maxsim.maxsim(qp, dp, d_lengths=lengths)
+    reads.clear()
+    maxsim.maxsim(qp, dp, d_lengths=lengths)
+    assert not reads
+    lengths[0] = 0
+    with pytest.raises(ValueError, match="d_lengths must lie in"):
+        maxsim.maxsim(qp, dp, d_lengths=lengths)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    maxsim.maxsim(qp, dp, d_mask=mask)
+    mask[1] = False
+    with pytest.raises(ValueError, match="no real token"):
+        maxsim.maxsim(qp, dp, d_mask=mask)

@@ -81,7 +81,8 @@ class _Layout:
         return self._canonical(x, self.q_batch, self.query_only, tail, self.query_in_order)
 
     def document(self, x: torch.Tensor, tail: int) -> torch.Tensor:
-        """d ``[..., Ld, D]`` (tail=2) or its mask ``[..., Ld]`` (tail=1) as ``[P, Dn, ...]``."""
+        """d ``[..., Ld, D]`` (tail=2), its mask ``[..., Ld]`` (tail=1) or lengths ``[...]`` (tail=0) as
+        ``[P, Dn, ...]``."""
         if self.doc_as_is:
             return x
         return self._canonical(x, self.d_batch, self.doc_only, tail, self.doc_in_order)
@@ -187,7 +188,10 @@ def maxsim(
     check.check_pair(q, d)
     batch = check.broadcast_batch(q, d)
     q_mask = check.token_mask(q, q_mask, q_lengths, "q", check_values=validate, require_real=False)
-    d_mask = check.token_mask(d, d_mask, d_lengths, "d", check_values=validate, require_real=True)
+    if d_mask is None and d_lengths is not None:  # the kernels read lengths as such: no mask is built
+        d_lengths = check.token_lengths(d, d_lengths, "d", check_values=validate)
+    else:
+        d_mask = check.token_mask(d, d_mask, d_lengths, "d", check_values=validate, require_real=True)
     layout = _layout(tuple(q.shape[:-2]), tuple(d.shape[:-2]), batch)
     backend = get_backend(q.device)
     q_canonical, d_canonical = layout.query(q, 2), layout.document(d, 2)
@@ -196,6 +200,7 @@ def maxsim(
         d_canonical,
         None if q_mask is None else layout.query(q_mask, 1),
         None if d_mask is None else layout.document(d_mask, 1),
+        d_lengths=None if d_lengths is None else layout.document(d_lengths, 0),
         normalize=normalize,
         return_argmax=return_argmax,
     )

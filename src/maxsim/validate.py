@@ -1,13 +1,19 @@
 """Every input check of the public API and its message, in one place.
 
 Checks that read tensor values (lengths in range, a document with a real token, cu_seqlens order, pair
-ids in range) need a device->host sync on GPUs; they run only when ``validate=True``. Every other check
-(types, dtypes, shapes, devices) always runs.
+ids in range) need a device->host sync on GPUs; they run only when ``validate=True``, and once per tensor
+and version: a tensor that passed is not read again until torch changes it in place (``checked_once``), so
+the repeat calls of a search over one corpus cost no sync. Every other check (types, dtypes, shapes,
+devices) always runs.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+
+from .reference import lengths_to_mask
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -123,6 +129,31 @@ def _check_fits(shape: torch.Size, target: torch.Size, name: str, what: str) -> 
         )
 
 
+# What a value check of a tensor found: (id(tensor), check) -> (weak reference, version, result).
+_CHECKED: dict[tuple, tuple] = {}
+MAX_CHECKED = 256
+
+
+def checked_once(x: torch.Tensor, check: tuple, run):
+    """``run()`` (a value check of ``x`` that raises on bad values, else returns what it found), or what it
+    returned for this very tensor object at its current version (``x._version``, which torch bumps on every
+    in-place change, also through a view). A change that bypasses torch's version counter (through
+    ``.data``, a NumPy or DLPack alias, a custom kernel) is not seen; inference tensors, which keep no
+    version, are checked on every call, as is everything under ``torch.compile``."""
+    if x.is_inference() or torch.compiler.is_compiling():
+        return run()
+    key = (id(x), check)
+    entry = _CHECKED.get(key)
+    version = x._version
+    if entry is not None and entry[0]() is x and entry[1] == version:
+        return entry[2]
+    result = run()
+    if len(_CHECKED) >= MAX_CHECKED:
+        _CHECKED.clear()
+    _CHECKED[key] = (weakref.ref(x), version, result)
+    return result
+
+
 def token_mask(
     x: torch.Tensor,
     mask,
@@ -146,7 +177,7 @@ def token_mask(
     mask_name, lengths_name = f"{side}_mask", f"{side}_lengths"
     if mask is not None and lengths is not None:
         raise ValueError(f"give {mask_name} or {lengths_name}, not both")
-    batch, length = x.shape[:-2], x.shape[-2]
+    length = x.shape[-2]
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"{mask_name} must be a bool torch.Tensor, got {type(mask).__name__}")
@@ -160,26 +191,42 @@ def token_mask(
                 f"{mask_name} must have shape [..., {length}] to match {side}, got {tuple(mask.shape)}"
             )
         _check_fits(mask.shape, x.shape[:-1], mask_name, f"the token dims of {side}")
-        mask = mask.expand(x.shape[:-1])
-        if require_real and check_values and not mask.any(dim=-1).all():
-            raise ValueError(f"{mask_name} has a document with no real token (a row of all False)")
-        return mask
+        if require_real and check_values:
+
+            def every_row_real():
+                if not mask.any(dim=-1).all():
+                    raise ValueError(f"{mask_name} has a document with no real token (a row of all False)")
+
+            checked_once(mask, ("real rows",), every_row_real)
+        return mask.expand(x.shape[:-1])
     if lengths is not None:
-        if not isinstance(lengths, torch.Tensor):
-            raise TypeError(f"{lengths_name} must be an integer torch.Tensor, got {type(lengths).__name__}")
-        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-            raise TypeError(f"{lengths_name} must have an integer dtype, got {_dtype_name(lengths.dtype)}")
-        check_device(lengths, lengths_name, x.device, side)
-        _check_fits(lengths.shape, batch, lengths_name, f"the batch dims of {side}")
-        if check_values and lengths.numel() > 0:
+        return lengths_to_mask(token_lengths(x, lengths, side, check_values=check_values), length)
+    return None
+
+
+def token_lengths(x: torch.Tensor, lengths, side: str, *, check_values: bool) -> torch.Tensor:
+    """Checked ``{side}_lengths`` of ``x [..., L, D]``: an integer tensor broadcastable to the batch dims
+    ``[...]`` (returned expanded to them, a view) whose values lie in ``[1, L]`` (checked with
+    ``check_values``: one device->host sync)."""
+    lengths_name = f"{side}_lengths"
+    batch, length = x.shape[:-2], x.shape[-2]
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"{lengths_name} must be an integer torch.Tensor, got {type(lengths).__name__}")
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"{lengths_name} must have an integer dtype, got {_dtype_name(lengths.dtype)}")
+    check_device(lengths, lengths_name, x.device, side)
+    _check_fits(lengths.shape, batch, lengths_name, f"the batch dims of {side}")
+    if check_values and lengths.numel() > 0:
+
+        def in_range():
             low, high = torch.stack(torch.aminmax(lengths)).tolist()  # one device->host sync
             if low < 1 or high > length:
                 raise ValueError(
                     f"{lengths_name} must lie in [1, {length}] (the padded length of {side}), got [{low}, {high}]"
                 )
-        mask = torch.arange(length, device=x.device) < lengths[..., None]
-        return mask.expand(x.shape[:-1])
-    return None
+
+        checked_once(lengths, ("lengths", length), in_range)
+    return lengths.expand(batch)
 
 
 def check_cu_seqlens(
@@ -207,18 +254,22 @@ def check_cu_seqlens(
         check_device(cu, name, device, device_name)
     if not check_values:
         return None
-    steps = cu[1:] - cu[:-1]
-    first, last, shortest, longest = torch.stack([cu[0], cu[-1], *torch.aminmax(steps)]).tolist()
-    if first != 0:
-        raise ValueError(f"{name} must start at 0, got {first}")
-    if last != total:
-        raise ValueError(f"{name} must end at the token count of {tokens_name} ({total}), got {last}")
-    if shortest < 0:
-        raise ValueError(f"{name} must be non-decreasing")
-    if shortest == 0:
-        empty = int((steps == 0).nonzero()[0, 0])
-        raise ValueError(f"{name} holds an empty segment (sequence {empty} has no token)")
-    return longest
+
+    def longest_segment() -> int:
+        steps = cu[1:] - cu[:-1]
+        first, last, shortest, longest = torch.stack([cu[0], cu[-1], *torch.aminmax(steps)]).tolist()
+        if first != 0:
+            raise ValueError(f"{name} must start at 0, got {first}")
+        if last != total:
+            raise ValueError(f"{name} must end at the token count of {tokens_name} ({total}), got {last}")
+        if shortest < 0:
+            raise ValueError(f"{name} must be non-decreasing")
+        if shortest == 0:
+            empty = int((steps == 0).nonzero()[0, 0])
+            raise ValueError(f"{name} holds an empty segment (sequence {empty} has no token)")
+        return longest
+
+    return checked_once(cu, ("cu_seqlens", total), longest_segment)
 
 
 def check_max_seqlen(
@@ -257,9 +308,13 @@ def check_pairs(
             raise ValueError(f"{name} must have shape [P], got {tuple(ids.shape)}")
         check_device(ids, name, device, "q")
         if check_values and ids.numel() > 0:
-            low, high = torch.stack(torch.aminmax(ids)).tolist()  # one device->host sync
-            if low < 0 or high >= count:
-                raise ValueError(f"{name} must lie in [0, {count - 1}], got [{low}, {high}]")
+
+            def in_range(ids=ids, name=name, count=count):
+                low, high = torch.stack(torch.aminmax(ids)).tolist()  # one device->host sync
+                if low < 0 or high >= count:
+                    raise ValueError(f"{name} must lie in [0, {count - 1}], got [{low}, {high}]")
+
+            checked_once(ids, ("ids", count), in_range)
         checked.append(ids.long())
     if checked[0].shape != checked[1].shape:
         raise ValueError(

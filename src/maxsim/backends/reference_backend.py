@@ -5,15 +5,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..reference import maxsim_reference, maxsim_varlen_reference
+from ..reference import lengths_to_mask, maxsim_reference, maxsim_varlen_reference
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def maxsim_padded(q, d, q_mask, d_mask, *, normalize: bool, return_argmax: bool):
-    """``q [P, Qn, Lq, D]`` against ``d [P, Dn, Ld, D]``: scores ``[P, Qn, Dn]``, argmax ``[P, Qn, Dn, Lq]``."""
+def maxsim_padded(q, d, q_mask, d_mask, *, d_lengths=None, normalize: bool, return_argmax: bool):
+    """``q [P, Qn, Lq, D]`` against ``d [P, Dn, Ld, D]``: scores ``[P, Qn, Dn]``, argmax ``[P, Qn, Dn, Lq]``;
+    ``d_lengths [P, Dn]`` or None: the prefix form of ``d_mask``."""
+    if d_lengths is not None:
+        d_mask = lengths_to_mask(d_lengths, d.shape[2])
     scores, argmax = maxsim_reference(
         q[:, :, None],
         d[:, None],

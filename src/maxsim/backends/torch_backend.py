@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from maxsim.backends import cpu_kernel
+from maxsim.reference import lengths_to_mask
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 CPU_BLOCK_BYTES = 16 * 2**20  # L3-sized: fewer parallel regions, which also keeps it fast on a busy machine
@@ -277,8 +278,11 @@ class PaddedMaxSim(torch.autograd.Function):
         return dq, dd, None, None, None
 
 
-def maxsim_padded(q, d, q_mask, d_mask, *, normalize: bool, return_argmax: bool):
-    """Backend entry point for padded groups: see ``forward_padded`` for shapes."""
+def maxsim_padded(q, d, q_mask, d_mask, *, d_lengths=None, normalize: bool, return_argmax: bool):
+    """Backend entry point for padded groups: see ``forward_padded`` for shapes; ``d_lengths`` (integer
+    ``[P, Dn]``, any strides, or None) is the prefix form of ``d_mask`` (a call gives one or neither)."""
+    if d_lengths is not None:
+        d_mask = lengths_to_mask(d_lengths, d.shape[2])
     if torch.is_grad_enabled() and (q.requires_grad or d.requires_grad):
         return PaddedMaxSim.apply(q, d, q_mask, d_mask, normalize)
     return forward_padded(q, d, q_mask, d_mask, normalize=normalize, need_argmax=return_argmax)

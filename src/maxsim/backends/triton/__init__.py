@@ -42,7 +42,7 @@ def _needs_grad(q: torch.Tensor, d: torch.Tensor) -> bool:
     return (q.requires_grad or d.requires_grad) and torch.is_grad_enabled()
 
 
-def maxsim_padded(q, d, q_mask, d_mask, *, normalize: bool, return_argmax: bool):
+def maxsim_padded(q, d, q_mask, d_mask, *, d_lengths=None, normalize: bool, return_argmax: bool):
     """Backend entry point for padded groups (see ``torch_backend.forward_padded`` for shapes).
 
     Under ``torch.compile`` the call goes through the custom op ``maxsim::fwd_padded``; eager training through
@@ -51,19 +51,23 @@ def maxsim_padded(q, d, q_mask, d_mask, *, normalize: bool, return_argmax: bool)
 
     Args:
         q: ``[P, Qn, Lq, D]``; d: ``[P, Dn, Ld, D]`` (any strides); q_mask / d_mask: bool or None.
+        d_lengths: integer ``[P, Dn]`` (any strides) or None: the prefix form of ``d_mask``, read by the
+            kernels as lengths (no mask is built).
 
     Returns:
         scores float32 ``[P, Qn, Dn]`` and int32 argmax ``[P, Qn, Dn, Lq]`` or None.
     """
     if not _kernels_run_on(q):
         return torch_backend.maxsim_padded(
-            q, d, q_mask, d_mask, normalize=normalize, return_argmax=return_argmax
+            q, d, q_mask, d_mask, d_lengths=d_lengths, normalize=normalize, return_argmax=return_argmax
         )
     grad = _needs_grad(q, d)
     if not grad and not torch.compiler.is_compiling():  # eager inference: the launcher, no op dispatch
-        return maxsim_fwd(q, d, q_mask, d_mask, normalize=normalize, return_argmax=return_argmax)
+        return maxsim_fwd(
+            q, d, q_mask, d_mask, d_lengths=d_lengths, normalize=normalize, return_argmax=return_argmax
+        )
     fwd = torch.ops.maxsim.fwd_padded if torch.compiler.is_compiling() else ops.PaddedFunction.apply
-    scores, argmax = fwd(q, d, q_mask, d_mask, normalize, return_argmax or grad)
+    scores, argmax = fwd(q, d, q_mask, d_mask, d_lengths, normalize, return_argmax or grad)
     return scores, (argmax if return_argmax else None)
 
 

@@ -89,9 +89,12 @@ def _doc_best(
     q_tile, q_rows, q_in, q_inv, d_base, dm_base, ds_base, l_lo, l_hi, D, sq_k, sd_l, sd_k, sdm_l,
     BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DMASK: tl.constexpr,
     NORMALIZE: tl.constexpr, ARGMAX: tl.constexpr, SINGLE_D: tl.constexpr, PREC: tl.constexpr,
-    LANE_MAX: tl.constexpr, D_SCALED: tl.constexpr,
+    LANE_MAX: tl.constexpr, D_SCALED: tl.constexpr, EVICT: tl.constexpr,
 ):  # fmt: skip
     """Max (NaN wins) and its first index per query row over document tokens ``[l_lo, l_hi)``.
+
+    EVICT: the L2 eviction policy of the document loads (``"evict_first"`` where each document byte is
+    read once: its lines then replace one another rather than what else the L2 holds; ``""`` otherwise).
 
     D_SCALED: the document tokens are int8 / float8 codes with a float32 scale per token at ``ds_base``
     (contiguous): each tile is widened in registers to the query's dtype (exact), and each similarity
@@ -118,7 +121,8 @@ def _doc_best(
         d_cols = d_base + offs.to(tl.int64)[None, :] * sd_l
         if SINGLE_D:
             d_tile = tl.load(
-                d_cols + offs_k[:, None] * sd_k, mask=real[None, :] & (offs_k[:, None] < D), other=0.0
+                d_cols + offs_k[:, None] * sd_k, mask=real[None, :] & (offs_k[:, None] < D), other=0.0,
+                eviction_policy=EVICT,
             )
             if D_SCALED:
                 d_tile = d_tile.to(q_tile.dtype)
@@ -132,7 +136,10 @@ def _doc_best(
             for k0 in range(0, D, BLOCK_D):
                 kk = k0 + offs_k
                 qt = tl.load(q_rows + kk[None, :] * sq_k, mask=q_in[:, None] & (kk[None, :] < D), other=0.0)
-                dt = tl.load(d_cols + kk[:, None] * sd_k, mask=real[None, :] & (kk[:, None] < D), other=0.0)
+                dt = tl.load(
+                    d_cols + kk[:, None] * sd_k, mask=real[None, :] & (kk[:, None] < D), other=0.0,
+                    eviction_policy=EVICT,
+                )
                 if D_SCALED:
                     dt = dt.to(qt.dtype)
                 acc = tl.dot(qt, dt, acc, input_precision=PREC)
@@ -219,15 +226,15 @@ def _write_best(
 
 @triton.jit
 def _maxsim_fwd_kernel(
-    q_ptr, d_ptr, qm_ptr, dm_ptr, score_ptr, argmax_ptr, pmax_ptr, pidx_ptr,
+    q_ptr, d_ptr, qm_ptr, dm_ptr, dl_ptr, score_ptr, argmax_ptr, pmax_ptr, pidx_ptr,
     Qn, Dn, Lq, Ld, D, R,
-    sq_p, sq_n, sq_l, sq_k, sd_p, sd_n, sd_l, sd_k, sqm_p, sqm_n, sqm_l, sdm_p, sdm_n, sdm_l,
+    sq_p, sq_n, sq_l, sq_k, sd_p, sd_n, sd_l, sd_k, sqm_p, sqm_n, sqm_l, sdm_p, sdm_n, sdm_l, sdl_p, sdl_n,
     n_qb, n_split, n_doc_blocks, split_len,
     BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, DOCS: tl.constexpr,
-    MASK_BLOCK: tl.constexpr, HAS_QMASK: tl.constexpr, HAS_DMASK: tl.constexpr, NORMALIZE: tl.constexpr,
-    ARGMAX: tl.constexpr,
+    MASK_BLOCK: tl.constexpr, HAS_QMASK: tl.constexpr, HAS_DMASK: tl.constexpr, HAS_DLEN: tl.constexpr,
+    NORMALIZE: tl.constexpr, ARGMAX: tl.constexpr,
     PARTIAL: tl.constexpr, SINGLE_D: tl.constexpr, PREC: tl.constexpr, LANE_MAX: tl.constexpr,
-    QPACK: tl.constexpr,
+    QPACK: tl.constexpr, EVICT: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     qb = pid % n_qb
@@ -265,10 +272,13 @@ def _maxsim_fwd_kernel(
             l_end = l_hi
             if HAS_DMASK:
                 l_end = _mask_end(dm_base, sdm_l, l_lo, l_hi, MASK_BLOCK)
+            if HAS_DLEN:  # the document's first tokens are real: no mask to read
+                length = tl.load(dl_ptr + p64 * sdl_p + n64 * sdl_n)
+                l_end = tl.maximum(tl.minimum(l_hi, length.to(tl.int64)).to(tl.int32), l_lo)
             best, best_idx = _doc_best(
                 q_tile, q_rows, q_in, q_inv, d_ptr + p64 * sd_p + n64 * sd_n, dm_base, dm_base,
                 l_lo, l_end, D, sq_k, sd_l, sd_k, sdm_l,
-                BLOCK_Q, BLOCK_L, BLOCK_D, HAS_DMASK, NORMALIZE, ARGMAX, SINGLE_D, PREC, LANE_MAX, False,
+                BLOCK_Q, BLOCK_L, BLOCK_D, HAS_DMASK, NORMALIZE, ARGMAX, SINGLE_D, PREC, LANE_MAX, False, EVICT,
             )  # fmt: skip
             if QPACK == 1:
                 row = (p64 * Qn + (pg % n_qgroups)) * Dn + n64
@@ -428,7 +438,7 @@ _PLANS: dict = {}  # launch plans by (device, dtype, sizes, flags): table lookup
 
 
 def _padded_plan(device, dtype, P, Qn, Lq, D, Dn, Ld, flags, config, n_split):
-    has_qmask, has_dmask, normalize, return_argmax, prec = flags
+    has_qmask, has_dmask, has_dlen, normalize, return_argmax, prec = flags
     cfg = config or forward_config(device, Lq, D, dtype, queries=Qn)
     block_q, block_l, block_d = blocks(cfg, Lq, Ld, D)
     qpack, block_q = pack_queries(cfg, block_q, Lq, Qn)
@@ -440,8 +450,8 @@ def _padded_plan(device, dtype, P, Qn, Lq, D, Dn, Ld, flags, config, n_split):
     constexprs = dict(
         BLOCK_Q=block_q, BLOCK_L=block_l, BLOCK_D=block_d, DOCS=docs,
         MASK_BLOCK=min(1024, _pow2_at_least(split_len)), HAS_QMASK=has_qmask, HAS_DMASK=has_dmask,
-        NORMALIZE=normalize, ARGMAX=return_argmax, PARTIAL=n_split > 1, SINGLE_D=D <= block_d, PREC=prec,
-        LANE_MAX=cfg.lane_max, QPACK=qpack,
+        HAS_DLEN=has_dlen, NORMALIZE=normalize, ARGMAX=return_argmax, PARTIAL=n_split > 1,
+        SINGLE_D=D <= block_d, PREC=prec, LANE_MAX=cfg.lane_max, QPACK=qpack, EVICT="",
     )  # fmt: skip
     return cfg, n_qb, n_doc_blocks, n_split, split_len, programs, constexprs
 
@@ -452,6 +462,7 @@ def maxsim_fwd(
     q_mask: torch.Tensor | None,
     d_mask: torch.Tensor | None,
     *,
+    d_lengths: torch.Tensor | None = None,
     normalize: bool,
     return_argmax: bool,
     config: FwdConfig | None = None,
@@ -463,6 +474,8 @@ def maxsim_fwd(
         q: ``[P, Qn, Lq, D]`` float32/float16/bfloat16, any strides (zero strides for broadcast dims).
         d: ``[P, Dn, Ld, D]``, same dtype and device, any strides.
         q_mask: bool ``[P, Qn, Lq]`` or None; d_mask: bool ``[P, Dn, Ld]`` or None (True = real token).
+        d_lengths: integer ``[P, Dn]`` (any strides) or None, instead of ``d_mask``: the first
+            ``d_lengths`` tokens of each document are real (values outside ``[0, Ld]`` are clamped to it).
         normalize: L2-normalize every token on the fly.
         return_argmax: also compute the argmax.
         config: a launch configuration (default: the table's for this device and shape).
@@ -479,7 +492,7 @@ def maxsim_fwd(
     argmax = torch.empty(P, Qn, Dn, Lq, dtype=torch.int32, device=device) if return_argmax else None
     if R == 0:
         return scores, argmax
-    has_masks = (q_mask is not None, d_mask is not None)
+    has_masks = (q_mask is not None, d_mask is not None, d_lengths is not None)
     cfg, n_qb, n_doc_blocks, n_split, split_len, programs, constexprs = _plan_of(
         q, d, has_masks, normalize, return_argmax, config, n_split
     )
@@ -489,11 +502,12 @@ def maxsim_fwd(
             programs * n_split,
             (
                 q, d, scores if q_mask is None else q_mask.view(torch.uint8),
-                scores if d_mask is None else d_mask.view(torch.uint8), score_out,
+                scores if d_mask is None else d_mask.view(torch.uint8),
+                scores if d_lengths is None else d_lengths, score_out,
                 scores if argmax is None else argmax, scores if pmax is None else pmax,
                 scores if pidx is None else pidx,
             ),
-            _int_arguments(q, d, q_mask, d_mask, n_qb, n_split, n_doc_blocks, split_len),
+            _int_arguments(q, d, q_mask, d_mask, d_lengths, n_qb, n_split, n_doc_blocks, split_len),
             constexprs,
             cfg.num_warps,
             cfg.num_stages,
@@ -520,7 +534,7 @@ def _plan_of(q, d, has_masks: tuple, normalize: bool, return_argmax: bool, confi
     return plan
 
 
-def _int_arguments(q, d, q_mask, d_mask, n_qb, n_split, n_doc_blocks, split_len) -> tuple:
+def _int_arguments(q, d, q_mask, d_mask, d_lengths, n_qb, n_split, n_doc_blocks, split_len) -> tuple:
     """The int arguments of ``_maxsim_fwd_kernel``, in parameter order."""
     P, Qn, Lq, D = q.shape
     _, Dn, Ld, _ = d.shape
@@ -528,6 +542,7 @@ def _int_arguments(q, d, q_mask, d_mask, n_qb, n_split, n_doc_blocks, split_len)
         Qn, Dn, Lq, Ld, D, P * Qn * Dn, *q.stride(), *d.stride(),
         *(_NO_MASK if q_mask is None else q_mask.stride()),
         *(_NO_MASK if d_mask is None else d_mask.stride()),
+        *((0, 0) if d_lengths is None else d_lengths.stride()),
         n_qb, n_split, n_doc_blocks, split_len,
     )  # fmt: skip
 
@@ -570,7 +585,7 @@ class PreparedForward:
         compiled.run(
             *self.grid, torch._C._cuda_getCurrentRawStream(self.device_index), compiled.function,
             compiled.packed_metadata, None, None, None,
-            q, d, scores, scores, scores, scores if argmax is None else argmax, scores, scores,
+            q, d, scores, scores, scores, scores, scores if argmax is None else argmax, scores, scores,
             *self.ints, *self.values,
         )  # fmt: skip
         return scores, argmax
@@ -585,14 +600,14 @@ def prepare_fwd(q: torch.Tensor, d: torch.Tensor, *, normalize: bool, return_arg
     if P * Qn * Dn == 0 or q.device.index != torch.cuda.current_device():
         return None
     cfg, n_qb, n_doc_blocks, n_split, split_len, programs, constexprs = _plan_of(
-        q, d, (False, False), normalize, return_argmax, None, None
+        q, d, (False, False, False), normalize, return_argmax, None, None
     )
     if n_split > 1 or n_qb > 1:
         return None
     scores = torch.empty(P, Qn, Dn, dtype=torch.float32, device=q.device)
     argmax = torch.empty(P, Qn, Dn, Lq, dtype=torch.int32, device=q.device) if return_argmax else scores
-    ints = _int_arguments(q, d, None, None, n_qb, n_split, n_doc_blocks, split_len)
-    tensors = (q, d, scores, scores, scores, argmax, scores, scores)
+    ints = _int_arguments(q, d, None, None, None, n_qb, n_split, n_doc_blocks, split_len)
+    tensors = (q, d, scores, scores, scores, scores, argmax, scores, scores)
     compiled = _FWD.compiled_for(tensors, ints, constexprs, cfg.num_warps, cfg.num_stages)
     if compiled is None:
         return None

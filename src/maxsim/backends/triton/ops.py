@@ -29,10 +29,18 @@ def _no_argmax(like: Tensor) -> Tensor:
 
 
 def padded_forward(
-    q: Tensor, d: Tensor, q_mask: Tensor | None, d_mask: Tensor | None, normalize: bool, return_argmax: bool
+    q: Tensor,
+    d: Tensor,
+    q_mask: Tensor | None,
+    d_mask: Tensor | None,
+    d_lengths: Tensor | None,
+    normalize: bool,
+    return_argmax: bool,
 ) -> tuple[Tensor, Tensor]:
     """Scores float32 ``[P, Qn, Dn]`` and int32 argmax ``[P, Qn, Dn, Lq]`` (``[0]`` when not asked for)."""
-    scores, argmax = maxsim_fwd(q, d, q_mask, d_mask, normalize=normalize, return_argmax=return_argmax)
+    scores, argmax = maxsim_fwd(
+        q, d, q_mask, d_mask, d_lengths=d_lengths, normalize=normalize, return_argmax=return_argmax
+    )
     return scores, (argmax if argmax is not None else _no_argmax(q))
 
 
@@ -40,7 +48,7 @@ fwd_padded = torch.library.custom_op("maxsim::fwd_padded", padded_forward, mutat
 
 
 @fwd_padded.register_fake
-def _(q, d, q_mask, d_mask, normalize, return_argmax):
+def _(q, d, q_mask, d_mask, d_lengths, normalize, return_argmax):
     P, Qn, Lq = q.shape[0], q.shape[1], q.shape[2]
     Dn = d.shape[1]
     scores = q.new_empty((P, Qn, Dn), dtype=torch.float32)
@@ -67,9 +75,9 @@ def _(q, d, argmax, grad_scores, normalize, need_dq, need_dd):
 
 
 def _padded_setup(ctx, inputs, output):
-    q, d, q_mask, d_mask, normalize, _ = inputs
+    q, d, q_mask, d_mask, d_lengths, normalize, _ = inputs
     # an argmax not asked for (empty) is recomputed in the backward, with the masks it needs
-    ctx.save_for_backward(q, d, output[1], q_mask, d_mask)
+    ctx.save_for_backward(q, d, output[1], q_mask, d_mask, d_lengths)
     ctx.normalize = normalize
     ctx.mark_non_differentiable(output[1])
 
@@ -79,12 +87,12 @@ def _padded_autograd_backward(fwd, bwd):
     and the backward ``bwd``: the custom ops (``torch.compile``) or the launchers themselves (eager)."""
 
     def backward(ctx, grad_scores, grad_argmax):
-        q, d, argmax, q_mask, d_mask = ctx.saved_tensors
+        q, d, argmax, q_mask, d_mask, d_lengths = ctx.saved_tensors
         if argmax.numel() == 0 and grad_scores.numel() != 0:
-            argmax = fwd(q, d, q_mask, d_mask, ctx.normalize, True)[1]
+            argmax = fwd(q, d, q_mask, d_mask, d_lengths, ctx.normalize, True)[1]
         need_dq, need_dd = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dq, dd = bwd(q, d, argmax, grad_scores, ctx.normalize, need_dq, need_dd)
-        return (dq if need_dq else None), (dd if need_dd else None), None, None, None, None
+        return (dq if need_dq else None), (dd if need_dd else None), None, None, None, None, None
 
     return backward
 
@@ -217,8 +225,8 @@ def _eager_forward(forward, setup):
 
 
 class PaddedFunction(torch.autograd.Function):
-    """``maxsim::fwd_padded`` with its autograd, for eager calls: ``apply(q, d, q_mask, d_mask, normalize,
-    return_argmax)`` returns ``(scores, argmax)`` as the op does."""
+    """``maxsim::fwd_padded`` with its autograd, for eager calls: ``apply(q, d, q_mask, d_mask, d_lengths,
+    normalize, return_argmax)`` returns ``(scores, argmax)`` as the op does."""
 
     forward = _eager_forward(padded_forward, _padded_setup)
     backward = staticmethod(_padded_autograd_backward(padded_forward, padded_backward))
