@@ -130,6 +130,35 @@ def test_mask_broadcast_within_side():
     assert_scores_close(ours, ref, dtype=torch.float32)
 
 
+@pytest.mark.parametrize(
+    "q_batch, d_batch, lengths_shape",
+    [((), (7,), (7,)), ((4, 1), (4, 10), (4, 10)), ((4, 1), (1, 10), (10,)), ((2, 1, 3), (2, 4, 1), (4, 1))],
+)
+def test_document_lengths_reach_the_backend_as_lengths(q_batch, d_batch, lengths_shape, monkeypatch):
+    """``d_lengths`` go to the backend as canonical ``[P, Dn]`` lengths, no mask built (the GPU kernels read
+    one length per document), broadcast like the tokens; the scores are the reference's."""
+    from maxsim import api
+    from maxsim.backends import torch_backend
+
+    seen = []
+
+    def record(q, d, q_mask, d_mask, *, d_lengths=None, **kwargs):
+        seen.append((d_mask, d_lengths))
+        assert d_lengths.shape == d.shape[:2]
+        return torch_backend.maxsim_padded(q, d, q_mask, d_mask, d_lengths=d_lengths, **kwargs)
+
+    monkeypatch.setattr(api, "get_backend", lambda device: type("Recording", (), {"maxsim_padded": record}))
+    g = torch.Generator().manual_seed(3)
+    q = random_tokens((*q_batch, 6, 8), torch.float32, generator=g)
+    d = random_tokens((*d_batch, 9, 8), torch.float32, generator=g)
+    lengths = torch.randint(1, 10, lengths_shape, generator=g)
+    ours = maxsim.maxsim(q, d, d_lengths=lengths)
+    assert len(seen) == 1 and seen[0][0] is None
+    d_mask = lengths_to_mask(lengths, 9).expand(*d.shape[:-1])
+    ref, _ = maxsim_reference(q, d, d_mask=d_mask)
+    assert_scores_close(ours, ref, dtype=torch.float32)
+
+
 def test_non_contiguous_views():
     g = torch.Generator().manual_seed(2)
     q_big = random_tokens((6, 40, 64), torch.float32, generator=g)

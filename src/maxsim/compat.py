@@ -113,12 +113,8 @@ def _check_lengths(
     _check_index_tensor(lengths, name, x.device, x_name)
     if tuple(lengths.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(lengths.shape)}")
-    if check_values and lengths.numel() > 0:
-        low, high = int(lengths.min()), int(lengths.max())
-        if low < 1 or high > max_len:
-            raise ValueError(
-                f"{name} must lie in [1, {max_len}] (the padded length of {x_name}), got [{low}, {high}]"
-            )
+    if check_values:
+        _v.check_in_range(lengths, name, 1, max_len, f" (the padded length of {x_name})")
 
 
 def _check_pair_ids(
@@ -131,10 +127,8 @@ def _check_pair_ids(
         _check_index_tensor(ids, name, queries.device, "queries")
         if ids.dim() != 1:
             raise ValueError(f"{name} must have shape [num_pairs], got {tuple(ids.shape)}")
-        if check_values and ids.numel() > 0:
-            low, high = int(ids.min()), int(ids.max())
-            if low < 0 or high >= count:
-                raise ValueError(f"{name} must lie in [0, {count - 1}], got [{low}, {high}]")
+        if check_values:
+            _v.check_in_range(ids, name, 0, count - 1)
     if pair_query_ids.shape != pair_document_ids.shape:
         raise ValueError(
             "pair_query_ids and pair_document_ids must have the same length, got "

@@ -118,14 +118,16 @@ def topk(
         n = d.shape[0]
     check_k(k, n)
     queries, q_mask = query_batch(q, q_mask, q_lengths, validate)
-    if not packed:
+    if not packed and d_mask is None and d_lengths is not None:  # read by the kernels as lengths: no mask
+        d_lengths = check.token_lengths(d, d_lengths, "d", check_values=validate)
+    elif not packed:
         d_mask = check.token_mask(d, d_mask, d_lengths, "d", check_values=validate, require_real=True)
     with torch.no_grad():
         if packed:
             step = chunk_step(queries.shape[0], chunk)
             score_chunk = packed_scorer(queries, q_mask, d, cu_seqlens_d, longest, normalize, step)
         else:
-            score_chunk = _padded_scorer(queries, q_mask, d, d_mask, normalize)
+            score_chunk = _padded_scorer(queries, q_mask, d, d_mask, d_lengths, normalize)
         best_scores, best_ids = stream_topk(score_chunk, n, queries.shape[0], k, chunk, q.device)
     if single:
         return best_scores[0], best_ids[0]
@@ -162,14 +164,16 @@ def stream_topk(score_chunk, n: int, nq: int, k: int, chunk: int | None, device:
     return best_scores, best_ids
 
 
-def _padded_scorer(queries, q_mask, d, d_mask, normalize):
-    """``score(start, stop)``: float32 ``[Nq, stop - start]`` for documents ``[start, stop)`` of a padded corpus."""
+def _padded_scorer(queries, q_mask, d, d_mask, d_lengths, normalize):
+    """``score(start, stop)``: float32 ``[Nq, stop - start]`` for documents ``[start, stop)`` of a padded corpus
+    (``d_mask [N, Ld]`` or ``d_lengths [N]``, checked, or neither)."""
 
     def score(start: int, stop: int) -> torch.Tensor:
         return maxsim(
             queries[:, None], d[None, start:stop],
             q_mask=None if q_mask is None else q_mask[:, None],
             d_mask=None if d_mask is None else d_mask[None, start:stop],
+            d_lengths=None if d_lengths is None else d_lengths[None, start:stop],
             normalize=normalize, validate=False,
         )  # fmt: skip
 

@@ -216,17 +216,22 @@ def token_lengths(x: torch.Tensor, lengths, side: str, *, check_values: bool) ->
         raise TypeError(f"{lengths_name} must have an integer dtype, got {_dtype_name(lengths.dtype)}")
     check_device(lengths, lengths_name, x.device, side)
     _check_fits(lengths.shape, batch, lengths_name, f"the batch dims of {side}")
-    if check_values and lengths.numel() > 0:
-
-        def in_range():
-            low, high = torch.stack(torch.aminmax(lengths)).tolist()  # one device->host sync
-            if low < 1 or high > length:
-                raise ValueError(
-                    f"{lengths_name} must lie in [1, {length}] (the padded length of {side}), got [{low}, {high}]"
-                )
-
-        checked_once(lengths, ("lengths", length), in_range)
+    if check_values:
+        check_in_range(lengths, lengths_name, 1, length, f" (the padded length of {side})")
     return lengths.expand(batch)
+
+
+def check_in_range(x: torch.Tensor, name: str, low: int, high: int, what: str = "") -> None:
+    """The values of the integer tensor ``x`` lie in ``[low, high]`` (one device->host sync, once per tensor
+    version: ``checked_once``); else a ``ValueError`` naming ``name`` (``what`` says what the bounds are)."""
+
+    def in_range():
+        lo, hi = torch.stack(torch.aminmax(x)).tolist()
+        if lo < low or hi > high:
+            raise ValueError(f"{name} must lie in [{low}, {high}]{what}, got [{lo}, {hi}]")
+
+    if x.numel() > 0:
+        checked_once(x, ("range", low, high), in_range)
 
 
 def check_cu_seqlens(
@@ -307,14 +312,8 @@ def check_pairs(
         if ids.dim() != 1:
             raise ValueError(f"{name} must have shape [P], got {tuple(ids.shape)}")
         check_device(ids, name, device, "q")
-        if check_values and ids.numel() > 0:
-
-            def in_range(ids=ids, name=name, count=count):
-                low, high = torch.stack(torch.aminmax(ids)).tolist()  # one device->host sync
-                if low < 0 or high >= count:
-                    raise ValueError(f"{name} must lie in [0, {count - 1}], got [{low}, {high}]")
-
-            checked_once(ids, ("ids", count), in_range)
+        if check_values:
+            check_in_range(ids, name, 0, count - 1)
         checked.append(ids.long())
     if checked[0].shape != checked[1].shape:
         raise ValueError(

@@ -89,12 +89,9 @@ def _doc_best(
     q_tile, q_rows, q_in, q_inv, d_base, dm_base, ds_base, l_lo, l_hi, D, sq_k, sd_l, sd_k, sdm_l,
     BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DMASK: tl.constexpr,
     NORMALIZE: tl.constexpr, ARGMAX: tl.constexpr, SINGLE_D: tl.constexpr, PREC: tl.constexpr,
-    LANE_MAX: tl.constexpr, D_SCALED: tl.constexpr, EVICT: tl.constexpr,
+    LANE_MAX: tl.constexpr, D_SCALED: tl.constexpr,
 ):  # fmt: skip
     """Max (NaN wins) and its first index per query row over document tokens ``[l_lo, l_hi)``.
-
-    EVICT: the L2 eviction policy of the document loads (``"evict_first"`` where each document byte is
-    read once: its lines then replace one another rather than what else the L2 holds; ``""`` otherwise).
 
     D_SCALED: the document tokens are int8 / float8 codes with a float32 scale per token at ``ds_base``
     (contiguous): each tile is widened in registers to the query's dtype (exact), and each similarity
@@ -121,8 +118,7 @@ def _doc_best(
         d_cols = d_base + offs.to(tl.int64)[None, :] * sd_l
         if SINGLE_D:
             d_tile = tl.load(
-                d_cols + offs_k[:, None] * sd_k, mask=real[None, :] & (offs_k[:, None] < D), other=0.0,
-                eviction_policy=EVICT,
+                d_cols + offs_k[:, None] * sd_k, mask=real[None, :] & (offs_k[:, None] < D), other=0.0
             )
             if D_SCALED:
                 d_tile = d_tile.to(q_tile.dtype)
@@ -136,10 +132,7 @@ def _doc_best(
             for k0 in range(0, D, BLOCK_D):
                 kk = k0 + offs_k
                 qt = tl.load(q_rows + kk[None, :] * sq_k, mask=q_in[:, None] & (kk[None, :] < D), other=0.0)
-                dt = tl.load(
-                    d_cols + kk[:, None] * sd_k, mask=real[None, :] & (kk[:, None] < D), other=0.0,
-                    eviction_policy=EVICT,
-                )
+                dt = tl.load(d_cols + kk[:, None] * sd_k, mask=real[None, :] & (kk[:, None] < D), other=0.0)
                 if D_SCALED:
                     dt = dt.to(qt.dtype)
                 acc = tl.dot(qt, dt, acc, input_precision=PREC)
@@ -234,7 +227,7 @@ def _maxsim_fwd_kernel(
     MASK_BLOCK: tl.constexpr, HAS_QMASK: tl.constexpr, HAS_DMASK: tl.constexpr, HAS_DLEN: tl.constexpr,
     NORMALIZE: tl.constexpr, ARGMAX: tl.constexpr,
     PARTIAL: tl.constexpr, SINGLE_D: tl.constexpr, PREC: tl.constexpr, LANE_MAX: tl.constexpr,
-    QPACK: tl.constexpr, EVICT: tl.constexpr,
+    QPACK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     qb = pid % n_qb
@@ -278,7 +271,7 @@ def _maxsim_fwd_kernel(
             best, best_idx = _doc_best(
                 q_tile, q_rows, q_in, q_inv, d_ptr + p64 * sd_p + n64 * sd_n, dm_base, dm_base,
                 l_lo, l_end, D, sq_k, sd_l, sd_k, sdm_l,
-                BLOCK_Q, BLOCK_L, BLOCK_D, HAS_DMASK, NORMALIZE, ARGMAX, SINGLE_D, PREC, LANE_MAX, False, EVICT,
+                BLOCK_Q, BLOCK_L, BLOCK_D, HAS_DMASK, NORMALIZE, ARGMAX, SINGLE_D, PREC, LANE_MAX, False,
             )  # fmt: skip
             if QPACK == 1:
                 row = (p64 * Qn + (pg % n_qgroups)) * Dn + n64
@@ -451,7 +444,7 @@ def _padded_plan(device, dtype, P, Qn, Lq, D, Dn, Ld, flags, config, n_split):
         BLOCK_Q=block_q, BLOCK_L=block_l, BLOCK_D=block_d, DOCS=docs,
         MASK_BLOCK=min(1024, _pow2_at_least(split_len)), HAS_QMASK=has_qmask, HAS_DMASK=has_dmask,
         HAS_DLEN=has_dlen, NORMALIZE=normalize, ARGMAX=return_argmax, PARTIAL=n_split > 1,
-        SINGLE_D=D <= block_d, PREC=prec, LANE_MAX=cfg.lane_max, QPACK=qpack, EVICT="",
+        SINGLE_D=D <= block_d, PREC=prec, LANE_MAX=cfg.lane_max, QPACK=qpack,
     )  # fmt: skip
     return cfg, n_qb, n_doc_blocks, n_split, split_len, programs, constexprs
 

@@ -39,7 +39,6 @@ def _maxsim_varlen_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, LISTED: tl.constexpr,
     NORMALIZE: tl.constexpr, ARGMAX: tl.constexpr, PARTIAL: tl.constexpr, SINGLE_D: tl.constexpr,
     PREC: tl.constexpr, LANE_MAX: tl.constexpr, D_SCALED: tl.constexpr, QPACK: tl.constexpr,
-    EVICT: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     qb = pid % n_qb
@@ -78,7 +77,6 @@ def _maxsim_varlen_kernel(
     best, best_idx = _doc_best(
         q_tile, q_rows, q_in, q_inv, d_ptr + d_start * sd_l, d_ptr, ds_ptr + d_start, l_lo, l_hi, D, sq_k,
         sd_l, sd_k, 0, BLOCK_Q, BLOCK_L, BLOCK_D, False, NORMALIZE, ARGMAX, SINGLE_D, PREC, LANE_MAX, D_SCALED,
-        EVICT,
     )  # fmt: skip
     if QPACK == 1:
         row = pair.to(tl.int64)
@@ -155,7 +153,7 @@ def maxsim_varlen_fwd(
             dict(
                 BLOCK_Q=block_q, BLOCK_L=block_l, BLOCK_D=block_d, LISTED=listed, NORMALIZE=normalize,
                 ARGMAX=return_argmax, PARTIAL=partial, SINGLE_D=D <= block_d, PREC=dot_precision(q.dtype),
-                LANE_MAX=cfg.lane_max, D_SCALED=d_scales is not None, QPACK=qpack, EVICT="",
+                LANE_MAX=cfg.lane_max, D_SCALED=d_scales is not None, QPACK=qpack,
             ),
             cfg.num_warps,
             cfg.num_stages,
