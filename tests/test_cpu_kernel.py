@@ -11,7 +11,7 @@ import torch
 from helpers import DTYPES, assert_scores_close, dtype_id, naive_scores, random_tokens
 
 import maxsim
-from maxsim.backends import cpu_kernel
+from maxsim.backends import cpu_kernel, torch_backend
 from maxsim.reference import maxsim_reference, maxsim_varlen_reference
 
 
@@ -261,3 +261,50 @@ def test_cpu_calls_take_the_kernel(monkeypatch):
         maxsim.maxsim(q.to(dtype), d.to(dtype))
     maxsim.maxsim(q.double(), d.double())  # float64 keeps the matrix products
     assert len(calls) == len(DTYPES)
+
+
+QUANTIZED = (torch.int8, torch.float8_e4m3fn)
+
+
+@needs_kernel
+def test_every_e4m3_code_reads_as_torch_converts_it():
+    """All 256 float8 e4m3fn codes (zeros, subnormals, the largest 448, NaN) against torch's conversion, on
+    the vector path (8 columns) and the element path (D = 1); a scale multiplies each token."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    for dim in (8, 1):
+        d = codes.reshape(-1, dim)  # one token per document
+        scales = torch.linspace(0.5, 2.0, d.shape[0])
+        cu = torch.arange(d.shape[0] + 1)
+        q = torch.eye(dim)  # query token k picks column k
+        scores = torch_backend.maxsim_varlen_scaled(
+            q, torch.arange(dim + 1), d, cu, scales, max_lq=1, max_ld=1, normalize=False
+        )  # [dim queries, documents]
+        expected = (q.double() @ (d.double() * scales.double()[:, None]).T).float()  # a NaN code: NaN row
+        assert torch.equal(scores.isnan(), expected.isnan())
+        assert torch.equal(scores.nan_to_num(), expected.nan_to_num())
+
+
+@needs_kernel
+@pytest.mark.parametrize("code_dtype", QUANTIZED, ids=dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
+@pytest.mark.parametrize("dim", [3, 64, 130])
+def test_quantized_documents(dim, normalize, dtype, code_dtype):
+    """Packed int8 / e4m3 codes with per-token scales read in place, against the reference on the
+    dequantized tokens: odd D (the element tail), a document longer than a block (512 tokens), one-token
+    documents, queries of every dtype."""
+    from maxsim.index import quantize
+
+    g = torch.Generator().manual_seed(dim)
+    d_len = torch.tensor([5, 1, 600, 13, 1])
+    q_len = torch.tensor([1, 17, 32])
+    cu_d = torch.cat([torch.zeros(1, dtype=torch.int64), d_len.cumsum(0)])
+    cu_q = torch.cat([torch.zeros(1, dtype=torch.int64), q_len.cumsum(0)])
+    codes, scales = quantize(random_tokens((int(d_len.sum()), dim), torch.float32, generator=g) * 3, code_dtype)
+    q = random_tokens((int(q_len.sum()), dim), dtype, generator=g)
+    scores = torch_backend.maxsim_varlen_scaled(
+        q, cu_q, codes, cu_d, scales, max_lq=32, max_ld=600, normalize=normalize
+    )
+    tokens = codes.double() * scales.double()[:, None]
+    ref, _ = maxsim_varlen_reference(q.double(), cu_q, tokens, cu_d, normalize=normalize)
+    assert_scores_close(scores, ref, dtype=torch.float32)

@@ -7,6 +7,7 @@ import torch
 from helpers import dtype_id, integer_tokens
 
 import maxsim
+from maxsim.backends import torch_backend
 from maxsim.index import QUANT_MAX, dequantize, quantize
 
 STORAGE = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.int8)
@@ -41,20 +42,42 @@ def clustered_corpus(n_docs: int, n_queries: int, dim: int = 128, centroids: int
     return docs, queries
 
 
+@pytest.mark.parametrize("cpu_kernel", ["kernel", "widened"])
 @pytest.mark.parametrize("dtype", STORAGE, ids=dtype_id)
-def test_search_equals_topk_over_the_stored_tokens(dtype):
+def test_search_equals_topk_over_the_stored_tokens(dtype, cpu_kernel, monkeypatch):
+    """Bitwise the scores of ``topk`` over the stored tokens as the search reads them: quantized codes times
+    their scales in float32 by the CPU kernel, or widened to the queries' 16-bit dtype without it."""
+    if cpu_kernel == "widened":
+        monkeypatch.setenv("MAXSIM_CPU_KERNEL", "0")
+    elif not torch_backend.reads_quantized(torch.ones(1, 1).half(), torch.ones(1, 1, dtype=torch.int8)):
+        pytest.skip("the CPU kernel does not run here")
     docs = documents(30, 16, 0)
     ids = torch.arange(100, 130) * 7  # the caller's ids, increasing
     index = maxsim.Index(16, dtype)
     assert index.add(docs, ids=ids).tolist() == ids.tolist()
     q = integer_tokens((3, 5, 16), torch.float32, generator=torch.Generator().manual_seed(1)).half()
     scores, got = index.search(q, 7, chunk=4)
-    stored = dequantize(*quantize(torch.cat(docs), dtype), torch.float16)
+    quantized = dtype in QUANT_MAX and cpu_kernel == "kernel"
+    stored = dequantize(*quantize(torch.cat(docs), dtype), torch.float32 if quantized else torch.float16)
     cu = torch.tensor([0] + [d.shape[0] for d in docs]).cumsum(0)
-    ref_scores, ref_pos = maxsim.topk(q, stored, 7, cu_seqlens_d=cu)
+    ref_scores, ref_pos = maxsim.topk(q.float() if quantized else q, stored, 7, cu_seqlens_d=cu)
     assert torch.equal(got, ids[ref_pos]) and torch.equal(scores, ref_scores)
     one_scores, one_ids = index.search(q[0], 7)
     assert torch.equal(one_ids, got[0]) and torch.equal(one_scores, scores[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8], ids=dtype_id)
+def test_quantized_search_on_the_cpu_widens_nothing(dtype, monkeypatch):
+    """With the CPU kernel, quantized storage is read in place: no chunk is dequantized into memory."""
+    if not torch_backend.reads_quantized(torch.ones(1, 1).half(), torch.ones(1, 1, dtype=dtype)):
+        pytest.skip("the CPU kernel does not run here")
+    index = maxsim.Index(16, dtype)
+    index.add(documents(40, 16, 3))
+    q = integer_tokens((2, 5, 16), torch.float32, generator=torch.Generator().manual_seed(4))
+    expected = index.search(q, 5)
+    monkeypatch.setattr(maxsim.index, "dequantize", lambda *a: pytest.fail("a chunk was dequantized"))
+    scores, ids = index.search(q, 5)
+    assert torch.equal(scores, expected[0]) and torch.equal(ids, expected[1])
 
 
 def test_equal_scores_come_out_by_lower_id_whatever_the_insertion_order():

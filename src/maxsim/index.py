@@ -8,9 +8,10 @@ the error is orthogonal to the token, ``round(token / (max|token| / 127))`` for 
 Documents are kept in ascending id order, so search results with equal scores come out by lower id, as
 ``maxsim.topk``'s do. Search is ``maxsim.topk`` over the stored corpus in chunks of documents. Quantized
 storage on the Triton backend (CUDA, or the interpreter on CPU with ``MAXSIM_BACKEND=triton``) goes straight
-to the varlen kernel, which reads the int8/e4m3 codes and scales and widens them in registers: nothing is
-dequantized into memory. On the torch backend (CPU, MPS) quantized chunks are widened to the queries'
-16-bit dtype one chunk of ``CHUNK_TOKENS`` tokens at a time (a bounded buffer, not the corpus).
+to the varlen kernel, which reads the int8/e4m3 codes and scales and widens them in registers; on the CPU the
+torch backend's AVX2 kernel reads them in place too (codes times scales in float32, a block of tokens per
+thread): nothing is dequantized into memory. Elsewhere (MPS, a CPU without the kernel) quantized chunks are
+widened to the queries' 16-bit dtype one chunk of ``CHUNK_TOKENS`` tokens at a time (a bounded buffer).
 
 Files are safetensors with a checksum of every tensor's bytes in the metadata: a truncated or corrupted
 file raises ``ValueError`` on load, never a wrong result.
@@ -237,8 +238,9 @@ class Index:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` best documents per query: ``maxsim.topk`` semantics, the caller's ids.
 
-        Quantized storage is scored by the fused kernel (codes widened in registers) on the Triton backend;
-        on the torch backend (CPU, MPS) by widening ``CHUNK_TOKENS`` stored tokens at a time to 16 bits.
+        Quantized storage is read in place where the backend's ``reads_quantized`` (the Triton kernels, the
+        CPU kernel); elsewhere (MPS, a CPU without the kernel) ``CHUNK_TOKENS`` stored tokens at a time are
+        widened to 16 bits.
 
         Args:
             q: ``[Nq, Lq, D]`` or ``[Lq, D]`` float32/float16/bfloat16 on the index's device (cast to the
@@ -262,8 +264,7 @@ class Index:
         if self.scales is None:
             return self._search_packed(q.to(self.dtype), k, q_mask, q_lengths, chunk, normalize)
         queries = q.to(torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float16)
-        backend = get_backend(self.device)
-        if getattr(backend, "_kernels_run_on", lambda x: False)(queries):
+        if get_backend(self.device).reads_quantized(queries, self.tokens):
             return self._search_packed(queries, k, q_mask, q_lengths, chunk, normalize)
         return self._search_widened(queries, k, q_mask, q_lengths, chunk, normalize)
 
@@ -276,8 +277,8 @@ class Index:
         return self._host_starts
 
     def _search_packed(self, queries, k, q_mask, q_lengths, chunk, normalize):
-        """The stored tokens as a packed corpus, ``maxsim.topk``'s streaming; quantized storage (on the
-        Triton backend) goes with its scales straight to the varlen kernel, which widens the codes."""
+        """The stored tokens as a packed corpus, ``maxsim.topk``'s streaming; quantized storage goes with its
+        scales straight to the backend's ``maxsim_varlen_scaled``, which reads the codes in place."""
         check_k(k, len(self))
         batch, mask = query_batch(queries, q_mask, q_lengths, validate=True)
         starts, longest = self._starts_and_longest()
@@ -293,8 +294,8 @@ class Index:
         return scores, self.ids[pos]
 
     def _search_widened(self, queries, k, q_mask, q_lengths, chunk, normalize):
-        """The torch backend: chunks of documents widened to the queries' 16-bit dtype one at a time
-        (a ``CHUNK_TOKENS`` buffer), merged into a running top-k."""
+        """Where the backend does not read quantized tokens: chunks of documents widened to the queries'
+        16-bit dtype one at a time (a ``CHUNK_TOKENS`` buffer), merged into a running top-k."""
         n = len(self)
         check_k(k, n)
         wide = queries.dtype

@@ -13,6 +13,7 @@ import torch
 
 from . import validate as check
 from .api import maxsim, maxsim_varlen
+from .backends import get_backend
 
 # Default chunk: at most this many float32 scores per chunk (64 MiB), and never fewer than 1 document.
 CHUNK_SCORES = 1 << 24
@@ -187,7 +188,8 @@ def packed_scorer(queries, q_mask, d, cu_d, longest, normalize, step, d_scales=N
 
     ``longest``: the longest document, or None (found on the device here).
     ``d_scales``: float32 ``[T]`` for int8/float8_e4m3fn ``d`` (``Index`` storage): the chunks go straight
-    to the Triton varlen kernel, which widens the codes in registers (CUDA or the interpreter only).
+    to the backend's ``maxsim_varlen_scaled`` (only where its ``reads_quantized``), which reads the codes in
+    place (the Triton varlen kernel, the CPU kernel).
     ``starts``: ``cu_d`` as a host list when the caller keeps one; else only the chunks' boundaries are
     copied from the device (one small copy, not the whole ``cu_d``).
     """
@@ -220,12 +222,10 @@ def packed_scorer(queries, q_mask, d, cu_d, longest, normalize, step, d_scales=N
                 q_packed, cu_q_nonempty, d[t0:t1], offsets[start : stop + 1] - t0,
                 max_seqlen_q=lq, max_seqlen_d=longest, normalize=normalize, validate=False,
             )  # fmt: skip
-        from .backends.triton.varlen import maxsim_varlen_fwd
-
-        return maxsim_varlen_fwd(
-            q_packed, cu_q_nonempty, d[t0:t1], offsets[start : stop + 1] - t0, None, None,
-            max_lq=lq, max_ld=longest, normalize=normalize, return_argmax=False, d_scales=d_scales[t0:t1],
-        )[0]  # fmt: skip
+        return get_backend(device).maxsim_varlen_scaled(
+            q_packed, cu_q_nonempty, d[t0:t1], offsets[start : stop + 1] - t0, d_scales[t0:t1],
+            max_lq=lq, max_ld=longest, normalize=normalize,
+        )  # fmt: skip
 
     def score(start: int, stop: int) -> torch.Tensor:
         if kept is None:

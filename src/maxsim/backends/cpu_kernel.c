@@ -1,5 +1,7 @@
-/* MaxSim scores on x86-64 CPUs with AVX2, FMA and F16C: float32, float16 or bfloat16 in, float32 scores
- * (float32 arithmetic on the exactly widened inputs) and optionally the int32 argmax.
+/* MaxSim scores on x86-64 CPUs with AVX2, FMA and F16C: float32, float16 or bfloat16 queries and documents
+ * of the same dtype, or packed documents of int8 / float8 e4m3 codes with a float32 scale per token; float32
+ * scores (float32 arithmetic on the exactly widened inputs, codes times their scale) and optionally the
+ * int32 argmax.
  *
  * The query tokens come packed in columns of 16 lanes, [P, Qn, G, D, 16] (lane = query token), so one
  * step over the embedding axis k is two vector loads of the queries, one broadcast of each document
@@ -10,7 +12,7 @@
  * Queries are read through their strides (and packed, once per call); documents are a padded [P, Dn, Ld]
  * view (any strides but a contiguous embedding axis, an optional byte mask, 1 = real token) or packed
  * sequences (each document's first token and its length), scored BLOCK tokens at a
- * time by every query of their group; float16/bfloat16 blocks are first widened into a float32 buffer.
+ * time by every query of their group; 16-bit and quantized blocks are first widened into a float32 buffer.
  * Work is split over (group, document) items between OpenMP threads; the Python caller holds no lock
  * meanwhile.
  */
@@ -28,7 +30,8 @@
 #define MAX_THREADS 256
 #define NORMALIZE_EPS 1e-12f
 #define BLOCK 512 /* document tokens scored by every query before the next ones (2 KiB a token at most) */
-enum { FLOAT32 = 0, FLOAT16 = 1, BFLOAT16 = 2 }; /* the dtype codes of q and d */
+enum { FLOAT32 = 0, FLOAT16 = 1, BFLOAT16 = 2, INT8 = 3, FLOAT8_E4M3 = 4 }; /* dtype codes (q: the first three) */
+static float E4M3_VALUES[256]; /* every float8 e4m3fn code's value, filled when the module loads */
 
 typedef struct {
     const float *q_columns;  /* [P, Qn, G, D, LANES], packed by pack_queries */
@@ -41,6 +44,7 @@ typedef struct {
     const int64_t *d_start;  /* NULL (padded), or [P * Dn] first token of each packed document */
     const int64_t *d_len;    /* NULL (padded), or [P * Dn] tokens of each packed document */
     int64_t d_tokens;        /* packed documents: the tokens of d */
+    const float *d_scales;   /* NULL, or (INT8 / FLOAT8_E4M3 packed documents) [d_tokens]: token t is d[t] * d_scales[t] */
     const uint8_t *d_mask;   /* NULL, or a byte per padded token, strides d_mask_stride */
     int64_t d_mask_stride[3];
     int normalize;   /* divide each similarity by its document token's norm (queries come normalized) */
@@ -118,11 +122,33 @@ INLINE AVX2 void tile(const int R, const int ARGMAX, const float *const *rows, i
     _mm256_storeu_ps(nan + 8, nan1);
 }
 
-/* Element i of x (dtype) as float32. */
+/* The value of a float8 e4m3fn code: 4 exponent bits (bias 7), 3 mantissa bits, no infinity, NaN at
+ * S.1111.111. */
+static float e4m3_value(uint8_t code)
+{
+    const int exponent = (code >> 3) & 15, mantissa = code & 7;
+    float magnitude;
+    if (exponent == 15 && mantissa == 7)
+        magnitude = NAN;
+    else if (exponent == 0)
+        magnitude = ldexpf((float)mantissa, -9); /* subnormal: mantissa / 8 * 2^-6 */
+    else
+        magnitude = ldexpf(1.0f + mantissa / 8.0f, exponent - 7);
+    return code & 128 ? -magnitude : magnitude;
+}
+
+/* Bytes per element of a dtype. */
+static int element_size(int dtype) { return dtype == FLOAT32 ? 4 : dtype >= INT8 ? 1 : 2; }
+
+/* Element i of x (dtype) as float32 (a quantized code as its value, unscaled). */
 static AVX2_F16C float element(const void *x, int dtype, int64_t i)
 {
     if (dtype == FLOAT32)
         return ((const float *)x)[i];
+    if (dtype == INT8)
+        return (float)((const int8_t *)x)[i];
+    if (dtype == FLOAT8_E4M3)
+        return E4M3_VALUES[((const uint8_t *)x)[i]];
     const uint16_t h = ((const uint16_t *)x)[i];
     if (dtype == FLOAT16)
         return _cvtsh_ss(h);
@@ -132,21 +158,27 @@ static AVX2_F16C float element(const void *x, int dtype, int64_t i)
     return out;
 }
 
-/* Token x (D elements of the 16-bit dtype FLOAT16 or BFLOAT16) as float32 into out: 8 at a time, then
- * element by element. */
-static AVX2_F16C void widen(const void *x, int dtype, int64_t D, float *out)
+/* Token x (D elements of a dtype other than FLOAT32) as float32 times scale (1 but for quantized codes)
+ * into out: 8 at a time, then element by element. */
+static AVX2_F16C void widen(const void *x, int dtype, int64_t D, float scale, float *out)
 {
-    const uint16_t *h = x;
+    const __m256 scales = _mm256_set1_ps(scale);
     int64_t k = 0;
     for (; k + 8 <= D; k += 8) {
-        const __m128i half = _mm_loadu_si128((const __m128i *)(h + k));
-        const __m256 wide = dtype == FLOAT16
-                                ? _mm256_cvtph_ps(half)
-                                : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
-        _mm256_storeu_ps(out + k, wide);
+        __m256 wide;
+        if (dtype == INT8 || dtype == FLOAT8_E4M3) {
+            const __m128i bytes = _mm_loadl_epi64((const __m128i *)((const uint8_t *)x + k));
+            wide = dtype == INT8 ? _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes))
+                                 : _mm256_i32gather_ps(E4M3_VALUES, _mm256_cvtepu8_epi32(bytes), 4);
+        } else {
+            const __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + k));
+            wide = dtype == FLOAT16 ? _mm256_cvtph_ps(half)
+                                    : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+        }
+        _mm256_storeu_ps(out + k, _mm256_mul_ps(wide, scales));
     }
     for (; k < D; k++)
-        out[k] = element(x, dtype, k);
+        out[k] = element(x, dtype, k) * scale;
 }
 
 /* Scores (and argmax) of every query of group p against document item (p, n), BLOCK tokens at a time (each
@@ -156,14 +188,17 @@ static AVX2_F16C void score_document(const Job *job, int64_t item, float *best, 
                                      float *inverse_norm, uint8_t *real, float *widened)
 {
     const int64_t p = item / job->Dn, n = item % job->Dn, D = job->D, G = job->G, lanes = G * LANES;
-    const int64_t stride = job->d_stride[2], size = job->d_type == FLOAT32 ? 4 : 2;
+    const int64_t stride = job->d_stride[2], size = element_size(job->d_type);
     int64_t len = job->Ld, offset = p * job->d_stride[0] + n * job->d_stride[1];
+    const float *scales = NULL; /* of this document's tokens (quantized packed documents) */
     if (job->d_len != NULL) { /* at most Ld tokens, none for offsets outside d (validate=False): no stray read */
         const int64_t start = job->d_start[item];
         len = job->d_len[item] < job->Ld ? job->d_len[item] : job->Ld;
         if (start < 0 || len < 0 || start > job->d_tokens - len)
             len = 0;
         offset = len > 0 ? start * stride : 0;
+        if (job->d_scales != NULL && len > 0)
+            scales = job->d_scales + start;
     }
     const char *doc = (const char *)job->d + size * offset;
     if (job->d_mask == NULL) {
@@ -187,7 +222,8 @@ static AVX2_F16C void score_document(const Job *job, int64_t item, float *best, 
         int64_t row_stride = stride;
         if (job->d_type != FLOAT32) {
             for (int64_t t = 0; t < nb; t++)
-                widen(doc + size * (b0 + t) * stride, job->d_type, D, widened + t * D);
+                widen(doc + size * (b0 + t) * stride, job->d_type, D, scales == NULL ? 1.0f : scales[b0 + t],
+                      widened + t * D);
             block = widened;
             row_stride = D;
         }
@@ -327,26 +363,36 @@ static AVX2_F16C void pack_queries(const void *q, int q_type, const int64_t *q_s
 }
 
 /* score((q, q_stride[4]), (q_mask, q_mask_stride[3]), (q_start, q_len, q_tokens), (d, d_stride[3]),
- *       (d_mask, d_mask_stride[3]), (d_start, d_len, d_tokens), dtype, P, Qn, Dn, Lq, Ld, D, normalize, out,
- *       argmax, threads)
- * Addresses are integers (0: no mask, no argmax; q_start = q_len = 0 for strided queries, d_start = d_len = 0
- * for padded documents; pack_queries and Job say how each is read), strides are in
- * elements; q and d share one dtype (code FLOAT32, FLOAT16 or BFLOAT16), the masks are bytes; d's embedding
- * axis is contiguous. Scores are float32, accumulated in float32 from the exactly widened inputs. */
+ *       (d_mask, d_mask_stride[3]), (d_start, d_len, d_tokens, d_scales), q_type, d_type, P, Qn, Dn, Lq, Ld, D,
+ *       normalize, out, argmax, threads)
+ * Addresses are integers (0: no mask, no argmax, no scales; q_start = q_len = 0 for strided queries,
+ * d_start = d_len = 0 for padded documents; pack_queries and Job say how each is read), strides are in
+ * elements; q_type is FLOAT32, FLOAT16 or BFLOAT16 and d_type the same, or INT8 / FLOAT8_E4M3 for packed
+ * documents with d_scales; the masks are bytes; d's embedding axis is contiguous. Scores are float32,
+ * accumulated in float32 from the exactly widened inputs. */
 static PyObject *score(PyObject *self, PyObject *args)
 {
-    unsigned long long q, q_mask, q_start, q_len, d, d_mask, d_start, d_len, out, argmax;
+    unsigned long long q, q_mask, q_start, q_len, d, d_mask, d_start, d_len, d_scales, out, argmax;
     long long q_stride[4], q_mask_stride[3], d_stride[3], d_mask_stride[3], q_tokens, d_tokens;
     long long P, Qn, Dn, Lq, Ld, D;
-    int dtype, normalize, threads;
-    if (!PyArg_ParseTuple(args, "(K(LLLL))(K(LLL))(KKL)(K(LLL))(K(LLL))(KKL)iLLLLLLpKKi", &q, &q_stride[0],
+    int q_type, d_type, normalize, threads;
+    if (!PyArg_ParseTuple(args, "(K(LLLL))(K(LLL))(KKL)(K(LLL))(K(LLL))(KKLK)iiLLLLLLpKKi", &q, &q_stride[0],
                           &q_stride[1], &q_stride[2], &q_stride[3], &q_mask, &q_mask_stride[0],
                           &q_mask_stride[1], &q_mask_stride[2], &q_start, &q_len, &q_tokens, &d, &d_stride[0],
                           &d_stride[1], &d_stride[2], &d_mask, &d_mask_stride[0], &d_mask_stride[1],
-                          &d_mask_stride[2], &d_start, &d_len, &d_tokens, &dtype, &P, &Qn, &Dn, &Lq, &Ld, &D, &normalize, &out, &argmax, &threads))
+                          &d_mask_stride[2], &d_start, &d_len, &d_tokens, &d_scales, &q_type, &d_type, &P, &Qn,
+                          &Dn, &Lq, &Ld, &D, &normalize, &out, &argmax, &threads))
         return NULL;
-    if (dtype != FLOAT32 && dtype != FLOAT16 && dtype != BFLOAT16) {
-        PyErr_Format(PyExc_ValueError, "dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got %d", dtype);
+    if (q_type != FLOAT32 && q_type != FLOAT16 && q_type != BFLOAT16) {
+        PyErr_Format(PyExc_ValueError, "q_type must be 0 (float32), 1 (float16) or 2 (bfloat16), got %d", q_type);
+        return NULL;
+    }
+    const int quantized = d_type == INT8 || d_type == FLOAT8_E4M3;
+    if (!(d_type == q_type || (quantized && d_scales != 0 && d_len != 0))) {
+        PyErr_Format(PyExc_ValueError,
+                     "d_type must be q_type (%d), or 3 (int8) / 4 (float8 e4m3) for packed documents with scales, "
+                     "got %d",
+                     q_type, d_type);
         return NULL;
     }
     const int64_t items = P * Dn, G = (Lq + LANES - 1) / LANES;
@@ -366,13 +412,14 @@ static PyObject *score(PyObject *self, PyObject *args)
     } else {
         const int64_t qs[4] = {q_stride[0], q_stride[1], q_stride[2], q_stride[3]};
         const int64_t qms[3] = {q_mask_stride[0], q_mask_stride[1], q_mask_stride[2]};
-        pack_queries((const void *)q, dtype, qs, (const uint8_t *)q_mask, qms, (const int64_t *)q_start,
+        pack_queries((const void *)q, q_type, qs, (const uint8_t *)q_mask, qms, (const int64_t *)q_start,
                      (const int64_t *)q_len, q_tokens, P, Qn, Lq, D, G, normalize, columns, real);
         for (int w = 0; w < threads; w++)
             jobs[w] = (Job){
                 .q_columns = columns, .q_real = real, .P = P, .Qn = Qn, .G = G, .D = D, .Dn = Dn, .Lq = Lq,
-                .d = (const void *)d, .d_type = dtype, .d_stride = {d_stride[0], d_stride[1], d_stride[2]}, .Ld = Ld,
+                .d = (const void *)d, .d_type = d_type, .d_stride = {d_stride[0], d_stride[1], d_stride[2]}, .Ld = Ld,
                 .d_start = (const int64_t *)d_start, .d_len = (const int64_t *)d_len, .d_tokens = d_tokens,
+                .d_scales = quantized ? (const float *)d_scales : NULL,
                 .d_mask = (const uint8_t *)d_mask,
                 .d_mask_stride = {d_mask_stride[0], d_mask_stride[1], d_mask_stride[2]},
                 .normalize = normalize, .out = (float *)out, .argmax = (int32_t *)argmax,
@@ -402,4 +449,9 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_kernel", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__cpu_kernel(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__cpu_kernel(void)
+{
+    for (int code = 0; code < 256; code++)
+        E4M3_VALUES[code] = e4m3_value((uint8_t)code);
+    return PyModule_Create(&module);
+}

@@ -1,5 +1,6 @@
 """The AVX2 CPU kernel (``cpu_kernel.c``): MaxSim scores and argmax of float32, float16 and bfloat16
-tokens (float32 arithmetic), for the torch backend.
+tokens, and of packed int8 / float8 e4m3 document codes with per-token scales (``Index`` storage), in float32
+arithmetic, for the torch backend.
 
 The kernel is an optional compiled extension: where it was not built (no C compiler, not x86-64 Linux) or
 the CPU lacks AVX2/FMA/F16C, ``available()`` is False and the torch backend keeps its matrix-product blocks.
@@ -19,6 +20,7 @@ except ImportError:  # not built here
 
 _SUPPORTED = _cpu_kernel is not None and _cpu_kernel.supported()
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # as cpu_kernel.c numbers them
+CODE_DTYPES = {torch.int8: 3, torch.float8_e4m3fn: 4}  # quantized documents (packed, with scales)
 
 
 def available() -> bool:
@@ -34,7 +36,7 @@ def status() -> str:
         return "this CPU lacks AVX2/FMA/F16C: matrix products"
     if not available():
         return "off (MAXSIM_CPU_KERNEL=0): matrix products"
-    return "on (float32, float16, bfloat16)"
+    return "on (float32, float16, bfloat16; int8 / float8 e4m3 Index storage)"
 
 
 def applies(q: torch.Tensor, d: torch.Tensor) -> bool:
@@ -45,6 +47,19 @@ def applies(q: torch.Tensor, d: torch.Tensor) -> bool:
         and d.device.type == "cpu"
         and q.dtype in DTYPE_CODES
         and d.dtype == q.dtype
+        and d.stride(-1) == 1
+        and available()
+    )
+
+
+def applies_scaled(q: torch.Tensor, d: torch.Tensor) -> bool:
+    """Whether packed quantized documents ``d`` (int8 / float8_e4m3fn codes, per-token scales) and queries
+    ``q`` can take the kernel: CPU tensors, ``q`` of a dtype it reads, ``d``'s tokens contiguous."""
+    return (
+        q.device.type == "cpu"
+        and d.device.type == "cpu"
+        and q.dtype in DTYPE_CODES
+        and d.dtype in CODE_DTYPES
         and d.stride(-1) == 1
         and available()
     )
@@ -66,14 +81,18 @@ def _packed(starts_lengths: tuple, x: torch.Tensor) -> tuple:
     return (*(0 if t is None else t.data_ptr() for t in starts_lengths), x.shape[0])
 
 
-def _run(q, q_view, q_mask, q_packed, d, d_view, d_mask, d_packed, *, P, Qn, Dn, Lq, Ld, normalize, need_argmax):
+def _run(
+    q, q_view, q_mask, q_packed, d, d_view, d_mask, d_packed, *, P, Qn, Dn, Lq, Ld, normalize, need_argmax,
+    d_scales=None,
+):  # fmt: skip
     """Scores ``[P, Qn, Dn]`` and int32 argmax ``[P, Qn, Dn, Lq]`` (or None): query ``(p, i)`` against the
     documents ``(p, n)``. ``q`` is read through ``q_view`` (its strides as ``[P, Qn, Lq, D]``) and
     ``q_packed`` (``(None, None)``, or int64 ``(starts [P*Qn], lengths [P*Qn])`` of packed tokens, rows of
     ``q``; sequences outside ``q`` count as empty); ``d``
     likewise through ``d_view`` (``[P, Dn, Ld]``) and ``d_packed`` (``[P*Dn]``). Masks: bool ``[P, Qn, Lq]`` /
-    ``[P, Dn, Ld]`` or None. The queries are packed ``QUERY_BYTES`` at a time (groups, or the queries of
-    one group)."""
+    ``[P, Dn, Ld]`` or None. ``d_scales``: float32 ``[T]`` (contiguous) for packed int8 / float8_e4m3fn
+    codes ``d [T, D]``, token ``t`` being ``d[t] * d_scales[t]``. The queries are packed ``QUERY_BYTES`` at a
+    time (groups, or the queries of one group)."""
     D = q.shape[-1]
     out = torch.empty(P, Qn, Dn, dtype=torch.float32)
     argmax = torch.empty(P, Qn, Dn, Lq, dtype=torch.int32) if need_argmax else None
@@ -93,8 +112,10 @@ def _run(q, q_view, q_mask, q_packed, d, d_view, d_mask, d_packed, *, P, Qn, Dn,
                 _packed(tuple(None if t is None else t[queries] for t in q_packed), q),
                 (d.data_ptr() + d.element_size() * d_view[0] * p0, d_view),
                 _mask(None if d_mask is None else d_mask[p0:p1]),
-                _packed(tuple(None if t is None else t[documents] for t in d_packed), d),
-                DTYPE_CODES[q.dtype], p1 - p0, q1 - q0, Dn, Lq, Ld, D, normalize,
+                (*_packed(tuple(None if t is None else t[documents] for t in d_packed), d),
+                 0 if d_scales is None else d_scales.data_ptr()),
+                DTYPE_CODES[q.dtype], CODE_DTYPES.get(d.dtype) or DTYPE_CODES[d.dtype], p1 - p0, q1 - q0, Dn, Lq,
+                Ld, D, normalize,
                 out[p0:p1, q0:q1].data_ptr(), 0 if argmax is None else argmax[p0:p1, q0:q1].data_ptr(),
                 torch.get_num_threads(),
             )  # fmt: skip
@@ -119,10 +140,14 @@ def _sequences(cu: torch.Tensor, ids: torch.Tensor | None) -> tuple[torch.Tensor
     return starts.contiguous(), (ends - starts).contiguous()
 
 
-def forward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq: int, max_ld: int, normalize: bool, need_argmax: bool):
-    """``torch_backend.forward_varlen`` for the kernel's dtypes (``applies``): packed ``q [Tq, D]`` and
-    ``d [Td, D]`` read in place; all pairs (``q_ids`` None): scores ``[Nq, Nd]``, argmax ``[Nq, Nd, max_lq]``;
-    listed pairs: ``[P]`` and ``[P, max_lq]`` (argmax -1 beyond a query's tokens)."""
+def forward_varlen(
+    q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq: int, max_ld: int, normalize: bool, need_argmax: bool,
+    d_scales=None,
+):  # fmt: skip
+    """``torch_backend.forward_varlen`` for the kernel's dtypes (``applies``, or ``applies_scaled`` with
+    ``d_scales`` float32 ``[Td]``): packed ``q [Tq, D]`` and ``d [Td, D]`` read in place; all pairs (``q_ids``
+    None): scores ``[Nq, Nd]``, argmax ``[Nq, Nd, max_lq]``; listed pairs: ``[P]`` and ``[P, max_lq]``
+    (argmax -1 beyond a query's tokens)."""
     q_seq, d_seq = _sequences(cu_q, q_ids), _sequences(cu_d, d_ids)
     q_view, d_view = (0, 0, q.stride(0), q.stride(1)), (0, 0, d.stride(0))
     if q_ids is None:  # one group: every query against every document
@@ -132,6 +157,7 @@ def forward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq: int, max_ld: int, 
     scores, argmax = _run(
         q, q_view, None, q_seq, d, d_view, None, d_seq,
         P=P, Qn=Qn, Dn=Dn, Lq=max_lq, Ld=max_ld, normalize=normalize, need_argmax=need_argmax,
+        d_scales=None if d_scales is None else d_scales.to(torch.float32).contiguous(),
     )  # fmt: skip
     if q_ids is None:
         return scores[0], None if argmax is None else argmax[0]

@@ -33,3 +33,15 @@ def maxsim_varlen(q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq, max_ld, normalize, 
     scores, argmax = maxsim_varlen_reference(q, cu_q, d, cu_d, pairs=pairs, normalize=normalize)
     argmax = F.pad(argmax, (0, max_lq - argmax.shape[-1]), value=-1)
     return scores.to(_score_dtype(q.dtype)), argmax
+
+
+def reads_quantized(q: torch.Tensor, d: torch.Tensor) -> bool:
+    """The reference scores quantized documents of any device (dequantized in float64)."""
+    return True
+
+
+def maxsim_varlen_scaled(q, cu_q, d, cu_d, d_scales, *, max_lq, max_ld, normalize):
+    """All-pairs scores ``[Nq, Nd]`` against packed codes ``d [Td, D]`` times ``d_scales [Td]``: the
+    reference on the dequantized float64 tokens."""
+    tokens = d.double() * d_scales.double()[:, None]
+    return maxsim_varlen_reference(q.double(), cu_q, tokens, cu_d, normalize=normalize)[0].float()

@@ -450,3 +450,19 @@ def maxsim_varlen(q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq, max_ld, normalize, 
         q, cu_q, d, cu_d, q_ids, d_ids,
         max_lq=max_lq, max_ld=max_ld, normalize=normalize, need_argmax=return_argmax,
     )  # fmt: skip
+
+
+def reads_quantized(q: torch.Tensor, d: torch.Tensor) -> bool:
+    """Whether ``maxsim_varlen_scaled`` takes queries ``q`` and quantized documents ``d`` here: the CPU
+    kernel's (``cpu_kernel.applies_scaled``); elsewhere callers widen the codes themselves."""
+    return cpu_kernel.applies_scaled(q, d)
+
+
+def maxsim_varlen_scaled(q, cu_q, d, cu_d, d_scales, *, max_lq: int, max_ld: int, normalize: bool):
+    """All-pairs scores float32 ``[Nq, Nd]`` of packed queries ``q [Tq, D]`` against packed int8 /
+    float8_e4m3fn codes ``d [Td, D]`` (token ``t`` is ``d[t] * d_scales[t]``, ``d_scales`` float32 ``[Td]``),
+    read in place by the CPU kernel (where ``reads_quantized``): nothing is dequantized into memory."""
+    return cpu_kernel.forward_varlen(
+        q, cu_q, d, cu_d, None, None,
+        max_lq=max_lq, max_ld=max_ld, normalize=normalize, need_argmax=False, d_scales=d_scales,
+    )[0]  # fmt: skip

@@ -80,6 +80,20 @@ def prepare_padded(q, d, *, normalize: bool, return_argmax: bool):
     return prepare_fwd(q, d, normalize=normalize, return_argmax=return_argmax)
 
 
+def reads_quantized(q: torch.Tensor, d: torch.Tensor) -> bool:
+    """Whether ``maxsim_varlen_scaled`` takes ``q`` and quantized ``d`` here: where the kernels run."""
+    return _kernels_run_on(q)
+
+
+def maxsim_varlen_scaled(q, cu_q, d, cu_d, d_scales, *, max_lq: int, max_ld: int, normalize: bool):
+    """All-pairs scores float32 ``[Nq, Nd]`` of packed 16-bit queries against packed int8 / float8_e4m3fn
+    codes ``d`` with float32 scales ``d_scales [Td]``: the varlen kernel widens the codes in registers."""
+    return maxsim_varlen_fwd(
+        q, cu_q, d, cu_d, None, None,
+        max_lq=max_lq, max_ld=max_ld, normalize=normalize, return_argmax=False, d_scales=d_scales,
+    )[0]  # fmt: skip
+
+
 def maxsim_varlen(
     q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq: int, max_ld: int, normalize: bool, return_argmax: bool
 ):
