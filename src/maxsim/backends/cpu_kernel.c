@@ -159,17 +159,26 @@ static AVX2_F16C float element(const void *x, int dtype, int64_t i)
 }
 
 /* Token x (D elements of a dtype other than FLOAT32) as float32 times scale (1 but for quantized codes)
- * into out: 8 at a time, then element by element. */
+ * into out: 8 at a time, then element by element. An e4m3 code's bits moved to a float16's exponent and
+ * mantissa places are a float16 of the code's value times 2^-8 (the biases differ by 8; subnormals too), so
+ * F16C widens it and 2^8 joins the scale (exact: a power of two); its NaN code (S.1111.111) is set apart. */
 static AVX2_F16C void widen(const void *x, int dtype, int64_t D, float scale, float *out)
 {
-    const __m256 scales = _mm256_set1_ps(scale);
+    const __m256 scales = _mm256_set1_ps(dtype == FLOAT8_E4M3 ? scale * 256.0f : scale);
     int64_t k = 0;
     for (; k + 8 <= D; k += 8) {
         __m256 wide;
-        if (dtype == INT8 || dtype == FLOAT8_E4M3) {
+        if (dtype == INT8) {
             const __m128i bytes = _mm_loadl_epi64((const __m128i *)((const uint8_t *)x + k));
-            wide = dtype == INT8 ? _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes))
-                                 : _mm256_i32gather_ps(E4M3_VALUES, _mm256_cvtepu8_epi32(bytes), 4);
+            wide = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+        } else if (dtype == FLOAT8_E4M3) {
+            const __m128i codes = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)((const uint8_t *)x + k)));
+            const __m128i magnitude = _mm_and_si128(codes, _mm_set1_epi16(0x7F));
+            const __m128i sign = _mm_slli_epi16(_mm_and_si128(codes, _mm_set1_epi16(0x80)), 8);
+            const __m256 is_nan = _mm256_castsi256_ps(
+                _mm256_cvtepi16_epi32(_mm_cmpeq_epi16(magnitude, _mm_set1_epi16(0x7F))));
+            wide = _mm256_cvtph_ps(_mm_or_si128(sign, _mm_slli_epi16(magnitude, 7)));
+            wide = _mm256_blendv_ps(wide, _mm256_set1_ps(NAN), is_nan);
         } else {
             const __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + k));
             wide = dtype == FLOAT16 ? _mm256_cvtph_ps(half)
