@@ -143,6 +143,34 @@ def test_autograd_keeps_inputs_and_int32_argmax_only():
     assert q.grad.shape == q.shape and d.grad.shape == d.shape
 
 
+
+@pytest.mark.parametrize("layout", ["padded", "varlen"])
+def test_argmax_gradient_is_not_materialized(layout, monkeypatch):
+    """The argmax output is not differentiable: the backward gets None for it, not a zeros tensor the size
+    of the argmax built on every training step."""
+    from maxsim.backends import torch_backend
+
+    function = torch_backend.PaddedMaxSim if layout == "padded" else torch_backend.VarlenMaxSim
+    backward, seen = function.backward, []
+
+    def recording(ctx, grad_scores, grad_argmax):
+        seen.append(grad_argmax)
+        return backward(ctx, grad_scores, grad_argmax)
+
+    monkeypatch.setattr(function, "backward", staticmethod(recording))
+    monkeypatch.setenv("MAXSIM_BACKEND", "torch")
+    g = torch.Generator().manual_seed(9)
+    q = random_tokens((6, 16, 8), torch.float32, generator=g).requires_grad_()
+    d = random_tokens((7, 40, 8), torch.float32, generator=g).requires_grad_()
+    if layout == "padded":
+        maxsim.maxsim(q[:, None], d[None]).sum().backward()
+    else:
+        cu_q, cu_d = torch.arange(0, 97, 16), torch.arange(0, 281, 40)
+        maxsim.maxsim_varlen(q.view(-1, 8), cu_q, d.view(-1, 8), cu_d).sum().backward()
+    assert seen == [None]
+    assert q.grad is not None and d.grad is not None
+
+
 def test_grad_only_for_requested_inputs():
     q = torch.randn(3, 5, 8, requires_grad=True)
     d = torch.randn(3, 7, 8)
@@ -159,3 +187,24 @@ def test_small_budget_backward(monkeypatch):
     rq, rd = _grads(lambda a, b: maxsim_reference(a, b, normalize=True)[0], q, d, seed=10, exact=True)
     assert_grads_close(dq, rq, dtype=torch.float32)
     assert_grads_close(dd, rd, dtype=torch.float32)
+
+
+def test_undefined_score_gradient_gives_none():
+    """The torch backend's autograd reached with no gradient for the scores (not materialized)."""
+
+    class NoGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None
+
+    q = torch.randn(3, 4, 8, requires_grad=True)
+    d = torch.randn(3, 5, 8, requires_grad=True)
+    cu = torch.tensor([0, 4, 12])
+    for scores in (maxsim.maxsim(q, d), maxsim.maxsim_varlen(q.view(-1, 8), cu, d.view(-1, 8)[:12], cu)):
+        q.grad = d.grad = None
+        (NoGradient.apply(scores).sum() + q.sum()).backward()
+        assert torch.equal(q.grad, torch.ones_like(q)) and d.grad is None

@@ -518,6 +518,61 @@ def test_varlen_gradients():
     torch.testing.assert_close(grads[0][1], grads[1][1])
 
 
+class _NoGradient(torch.autograd.Function):
+    """Identity whose backward gives no gradient (undefined): what reaches the node before it is None."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+@pytest.mark.parametrize("layout", ["padded", "varlen"])
+def test_undefined_score_gradient_gives_none(layout):
+    """A backward reached with no gradient for the scores (not materialized) returns no gradient."""
+    g = torch.Generator().manual_seed(33)
+    q, cu_q = ragged(g, [3, 5], 16, torch.float32)
+    d, cu_d = ragged(g, [4, 9, 2], 16, torch.float32)
+    qd, dd = (t.to(DEVICE).requires_grad_(True) for t in (q, d))
+    if layout == "padded":
+        scores = maxsim.maxsim(qd.view(2, 4, 16)[:, None], dd[:15].view(3, 5, 16)[None])
+    else:
+        cqd, cdd = to_dev(cu_q, cu_d)
+        scores = maxsim.maxsim_varlen(qd, cqd, dd, cdd)
+    (_NoGradient.apply(scores).sum() + qd.sum()).backward()
+    assert torch.equal(qd.grad.cpu(), torch.ones_like(q)) and dd.grad is None
+
+
+@pytest.mark.parametrize("layout", ["padded", "varlen"])
+def test_argmax_gradient_is_not_materialized(layout, monkeypatch):
+    """Eager training (``ops.PaddedFunction`` / ``VarlenFunction``): the backward gets None for the argmax
+    output, not a zeros tensor the size of the argmax built on every step."""
+    from maxsim.backends.triton import ops
+
+    function = ops.PaddedFunction if layout == "padded" else ops.VarlenFunction
+    backward, seen = function.backward, []
+
+    def recording(ctx, grad_scores, grad_argmax):
+        seen.append(grad_argmax)
+        return backward(ctx, grad_scores, grad_argmax)
+
+    monkeypatch.setattr(function, "backward", staticmethod(recording))
+    g = torch.Generator().manual_seed(32)
+    q, cu_q = ragged(g, [3, 5], 16, torch.float32)
+    d, cu_d = ragged(g, [4, 9, 2], 16, torch.float32)
+    qd, dd = (t.to(DEVICE).requires_grad_(True) for t in (q, d))
+    if layout == "padded":
+        maxsim.maxsim(qd.view(2, 4, 16)[:, None], dd[:15].view(3, 5, 16)[None]).sum().backward()
+    else:
+        cqd, cdd = to_dev(cu_q, cu_d)
+        maxsim.maxsim_varlen(qd, cqd, dd, cdd).sum().backward()
+    assert seen == [None]
+    assert qd.grad is not None and dd.grad is not None
+
+
 def test_backend_selection():
     assert get_backend(torch.device(DEVICE)) is triton_backend
     # float64 goes to the torch backend (Triton has no float64 path)

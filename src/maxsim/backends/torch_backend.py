@@ -261,10 +261,13 @@ class PaddedMaxSim(torch.autograd.Function):
         ctx.save_for_backward(q, d, argmax)
         ctx.normalize = normalize
         ctx.mark_non_differentiable(argmax)
+        ctx.set_materialize_grads(False)  # no zeros the size of the argmax for its (never used) gradient
         return scores, argmax
 
     @staticmethod
     def backward(ctx, grad_scores, grad_argmax):
+        if grad_scores is None:  # undefined (not materialized): no gradient flows (gradcheck checks this)
+            return None, None, None, None, None
         q, d, argmax = ctx.saved_tensors
         dq, dd = backward_padded(
             q,
@@ -430,10 +433,13 @@ class VarlenMaxSim(torch.autograd.Function):
         ctx.save_for_backward(q, cu_q, d, cu_d, q_ids, d_ids, argmax)
         ctx.normalize = normalize
         ctx.mark_non_differentiable(argmax)
+        ctx.set_materialize_grads(False)
         return scores, argmax
 
     @staticmethod
     def backward(ctx, grad_scores, grad_argmax):
+        if grad_scores is None:  # undefined (not materialized): no gradient flows
+            return (None,) * 9
         q, cu_q, d, cu_d, q_ids, d_ids, argmax = ctx.saved_tensors
         dq, dd = backward_varlen(
             q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores, normalize=ctx.normalize,

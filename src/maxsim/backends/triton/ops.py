@@ -80,6 +80,7 @@ def _padded_setup(ctx, inputs, output):
     ctx.save_for_backward(q, d, output[1], q_mask, d_mask, d_lengths)
     ctx.normalize = normalize
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zeros the size of the argmax for its (never used) gradient
 
 
 def _padded_autograd_backward(fwd, bwd):
@@ -87,6 +88,8 @@ def _padded_autograd_backward(fwd, bwd):
     and the backward ``bwd``: the custom ops (``torch.compile``) or the launchers themselves (eager)."""
 
     def backward(ctx, grad_scores, grad_argmax):
+        if grad_scores is None:  # undefined (not materialized): no gradient flows (gradcheck checks this)
+            return (None,) * 7
         q, d, argmax, q_mask, d_mask, d_lengths = ctx.saved_tensors
         if argmax.numel() == 0 and grad_scores.numel() != 0:
             argmax = fwd(q, d, q_mask, d_mask, d_lengths, ctx.normalize, True)[1]
@@ -183,12 +186,15 @@ def _varlen_setup(ctx, inputs, output):
     ctx.normalize = normalize
     ctx.max_seqlens = (max_lq, max_ld)
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _varlen_autograd_backward(fwd, bwd):
     """The autograd backward of the varlen forward (see ``_padded_autograd_backward``)."""
 
     def backward(ctx, grad_scores, grad_argmax):
+        if grad_scores is None:  # undefined (not materialized): no gradient flows
+            return (None,) * 10
         q, cu_q, d, cu_d, q_ids, d_ids, argmax = ctx.saved_tensors
         if argmax.numel() == 0 and grad_scores.numel() != 0:
             argmax = fwd(q, cu_q, d, cu_d, q_ids, d_ids, *ctx.max_seqlens, ctx.normalize, True)[1]
