@@ -75,6 +75,16 @@ def integer_tokens(shape, dtype, *, generator, low=-2, high=3) -> torch.Tensor:
 GRAD_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
+def weighted_grads(fn, q, d, seed, *, exact=False):
+    """Gradients of a random weighting of ``fn(q, d)``; ``exact``: on float64 copies of the same values."""
+    q = (q.double() if exact else q).detach().requires_grad_()
+    d = (d.double() if exact else d).detach().requires_grad_()
+    scores = fn(q, d)
+    weights = torch.randn(scores.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    (scores.double() * weights).sum().backward()
+    return q.grad, d.grad
+
+
 def assert_grads_close(ours: torch.Tensor, ref: torch.Tensor, *, dtype: torch.dtype) -> None:
     """``|ours - ref| <= GRAD_TOLERANCE[dtype] * max(1, |ref|)`` element-wise, ``ours`` in ``dtype``."""
     assert ours.dtype == dtype, f"gradient dtype {ours.dtype}, expected {dtype}"

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DTYPES, assert_scores_close, dtype_id, naive_scores, random_tokens
+from helpers import (
+    DTYPES,
+    assert_grads_close,
+    assert_scores_close,
+    dtype_id,
+    naive_scores,
+    random_tokens,
+    weighted_grads,
+)
 
 import maxsim
 from maxsim.backends import cpu_kernel, torch_backend
@@ -208,9 +216,9 @@ def test_varlen_listed_pairs(cpu_path, chunked, monkeypatch):
 @needs_kernel
 def test_malformed_offsets_read_nothing_outside(monkeypatch):
     """validate=False with offsets that point outside the tokens, decrease, or exceed max_seqlen: the result
-    is undefined (DESIGN.md), but the kernel reads no memory outside q and d (a torch index error may come
-    first); an AddressSanitizer build of the extension checks the "no read" part. (The matrix-product path
-    is not run here: its torch ops are not bounded against such offsets.)"""
+    is undefined (DESIGN.md), but the kernel reads (and its backward writes) no memory outside q and d (a
+    torch index error may come first); an AddressSanitizer build of the extension checks the "no read" part.
+    (The matrix-product path is not run here: its torch ops are not bounded against such offsets.)"""
     monkeypatch.setenv("MAXSIM_BACKEND", "torch")
     monkeypatch.delenv("MAXSIM_CPU_KERNEL", raising=False)
     g = torch.Generator().manual_seed(10)
@@ -223,9 +231,12 @@ def test_malformed_offsets_read_nothing_outside(monkeypatch):
         (good_q, good_d, {"max_seqlen_q": 2, "max_seqlen_d": 3}),  # shorter than the sequences
         (good_q, good_d, {"pairs": (torch.tensor([0, -1]), torch.tensor([-1, -3]))}),  # negative ids
     ]
+    q.requires_grad_()
+    d.requires_grad_()
     for cu_q, cu_d, kwargs in cases:
         try:
             scores = maxsim.maxsim_varlen(q, cu_q.int(), d, cu_d.int(), validate=False, **kwargs)
+            scores.sum().backward()
         except (IndexError, RuntimeError):
             continue
         assert scores.dtype == torch.float32
@@ -233,7 +244,8 @@ def test_malformed_offsets_read_nothing_outside(monkeypatch):
 
 @needs_kernel
 def test_threads_give_the_same_bits(monkeypatch):
-    """Work is split over documents, each scored whole by one thread: any thread count, same bits."""
+    """Work is split over documents, each scored whole by one thread, and each gradient row is summed in one
+    fixed order by one thread: any thread count, the same bits (scores, argmax, dq, dd)."""
     monkeypatch.setenv("MAXSIM_BACKEND", "torch")
     g = torch.Generator().manual_seed(7)
     q = random_tokens((3, 21, 48), torch.float32, generator=g)
@@ -243,24 +255,35 @@ def test_threads_give_the_same_bits(monkeypatch):
         results = []
         for n in (1, 2, 3, 16):
             torch.set_num_threads(n)
-            results.append(maxsim.maxsim(q[:, None], d, return_argmax=True))
+            scores, argmax = maxsim.maxsim(q[:, None], d, return_argmax=True)
+            grads = weighted_grads(lambda a, b: maxsim.maxsim(a[:, None], b[None]), q, d[0], 3)
+            results.append((scores, argmax, *grads))
     finally:
         torch.set_num_threads(threads)
-    for scores, argmax in results[1:]:
-        assert torch.equal(scores, results[0][0]) and torch.equal(argmax, results[0][1])
+    for result in results[1:]:
+        assert all(torch.equal(ours, first) for ours, first in zip(result, results[0], strict=True))
 
 
 @needs_kernel
 def test_cpu_calls_take_the_kernel(monkeypatch):
+    """Forward calls of every dtype, and the backward of padded and all-pairs packed calls."""
     calls = []
-    original = cpu_kernel._run
-    monkeypatch.setattr(cpu_kernel, "_run", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for name in ("_run", "_gradients"):
+        original = getattr(cpu_kernel, name)
+        monkeypatch.setattr(cpu_kernel, name, lambda *a, o=original, n=name, **k: calls.append(n) or o(*a, **k))
     monkeypatch.delenv("MAXSIM_CPU_KERNEL", raising=False)
+    monkeypatch.setenv("MAXSIM_BACKEND", "torch")
     q, d = torch.randn(8, 16), torch.randn(3, 10, 16)
     for dtype in DTYPES:
         maxsim.maxsim(q.to(dtype), d.to(dtype))
     maxsim.maxsim(q.double(), d.double())  # float64 keeps the matrix products
-    assert len(calls) == len(DTYPES)
+    assert calls == ["_run"] * len(DTYPES)
+    calls.clear()
+    q4, d5 = torch.randn(4, 8, 16, requires_grad=True), torch.randn(5, 10, 16, requires_grad=True)
+    maxsim.maxsim(q4[:, None], d5[None]).sum().backward()
+    cu_q, cu_d = torch.arange(0, 33, 8), torch.arange(0, 51, 10)
+    maxsim.maxsim_varlen(q4.view(-1, 16), cu_q, d5.view(-1, 16), cu_d).sum().backward()
+    assert calls == ["_run", "_gradients"] * 2
 
 
 QUANTIZED = (torch.int8, torch.float8_e4m3fn)
@@ -308,3 +331,53 @@ def test_quantized_documents(dim, normalize, dtype, code_dtype):
     tokens = codes.double() * scales.double()[:, None]
     ref, _ = maxsim_varlen_reference(q.double(), cu_q, tokens, cu_d, normalize=normalize)
     assert_scores_close(scores, ref, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
+@pytest.mark.parametrize("masks", ["none", "both"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"q{list(s[0])}-d{list(s[1])}-Lq{s[2]}-Ld{s[3]}-D{s[4]}")
+def test_gradients_match_reference(cpu_path, shape, masks, normalize, dtype):
+    """The backward (the kernel's ``gradients``, or the matrix-product path's gathers) against the float64
+    reference's autograd: every layout, broadcasts, masks (no gradient to masked tokens), normalize."""
+    qb, db, lq, ld, dim = shape
+    g = torch.Generator().manual_seed(lq * 100 + ld + dim)
+    q = random_tokens((*qb, lq, dim), dtype, generator=g)
+    d = random_tokens((*db, ld, dim), dtype, generator=g)
+    kwargs = {}
+    if masks == "both":
+        kwargs["d_mask"] = torch.rand((*db, ld), generator=g) < 0.7
+        kwargs["d_mask"][..., ld // 2] = True
+        kwargs["q_mask"] = torch.rand((*qb, lq), generator=g) < 0.7
+    dq, dd = weighted_grads(lambda a, b: maxsim.maxsim(a, b, normalize=normalize, **kwargs), q, d, 1)
+    rq, rd = weighted_grads(
+        lambda a, b: maxsim_reference(a, b, normalize=normalize, **kwargs)[0], q, d, 1, exact=True
+    )
+    assert_grads_close(dq, rq, dtype=dtype)
+    assert_grads_close(dd, rd, dtype=dtype)
+    if masks == "both":
+        assert bool((dd[~kwargs["d_mask"].expand(dd.shape[:-1])] == 0).all())
+        assert bool((dq[~kwargs["q_mask"].expand(dq.shape[:-1])] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
+def test_varlen_gradients_match_reference(cpu_path, normalize, dtype):
+    """Packed sequences, all pairs (the kernel) and listed pairs (gathers on either path)."""
+    g = torch.Generator().manual_seed(12)
+    q_len, d_len = torch.tensor([1, 17, 40]), torch.tensor([5, 1, 64, 13, 7])
+    cu_q = torch.cat([torch.zeros(1), q_len.cumsum(0)]).int()
+    cu_d = torch.cat([torch.zeros(1), d_len.cumsum(0)]).long()
+    q = random_tokens((int(q_len.sum()), 33), dtype, generator=g)
+    d = random_tokens((int(d_len.sum()), 33), dtype, generator=g)
+    for pairs in (None, (torch.tensor([0, 2, 2, 1]), torch.tensor([4, 0, 2, 2]))):
+        dq, dd = weighted_grads(
+            lambda a, b, pairs=pairs: maxsim.maxsim_varlen(a, cu_q, b, cu_d, pairs=pairs, normalize=normalize),
+            q, d, 2,
+        )  # fmt: skip
+        rq, rd = weighted_grads(
+            lambda a, b, pairs=pairs: maxsim_varlen_reference(a, cu_q, b, cu_d, pairs=pairs, normalize=normalize)[0],
+            q, d, 2, exact=True,
+        )  # fmt: skip
+        assert_grads_close(dq, rq, dtype=dtype)
+        assert_grads_close(dd, rd, dtype=dtype)

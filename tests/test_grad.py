@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DTYPES, assert_grads_close, dtype_id, integer_tokens, random_tokens
+from helpers import DTYPES, assert_grads_close, dtype_id, integer_tokens, random_tokens, weighted_grads
 from test_maxsim import LAYOUTS, layout_id, make_masks, reference_masks
 from test_varlen import CORPORA, corpus_id, make
 
@@ -49,16 +49,6 @@ def test_gradcheck_varlen_float64(pairs, normalize):
     )
 
 
-def _grads(fn, q, d, seed, *, exact=False):
-    """Gradients of a random weighting of ``fn(q, d)``; ``exact``: on float64 copies of the same values."""
-    q = (q.double() if exact else q).detach().requires_grad_()
-    d = (d.double() if exact else d).detach().requires_grad_()
-    scores = fn(q, d)
-    weights = torch.randn(scores.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    (scores.double() * weights).sum().backward()
-    return q.grad, d.grad
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
 @pytest.mark.parametrize("form", ["none", "mask", "lengths"])
@@ -70,8 +60,8 @@ def test_grads_match_reference(layout, form, normalize, dtype):
     d = random_tokens((*db, ld, dim), dtype, generator=g)
     masks = make_masks(g, (*qb, lq), (*db, ld), form)
     q_mask, d_mask = reference_masks(masks, lq, ld)
-    dq, dd = _grads(lambda a, b: maxsim.maxsim(a, b, normalize=normalize, **masks), q, d, seed=3)
-    rq, rd = _grads(
+    dq, dd = weighted_grads(lambda a, b: maxsim.maxsim(a, b, normalize=normalize, **masks), q, d, seed=3)
+    rq, rd = weighted_grads(
         lambda a, b: maxsim_reference(a, b, q_mask=q_mask, d_mask=d_mask, normalize=normalize)[0],
         q,
         d,
@@ -92,8 +82,8 @@ def test_ties_route_to_first_winner(dtype):
     g = torch.Generator().manual_seed(4)
     q = integer_tokens((4, 1, 6, 8), dtype, generator=g, low=-1, high=2)
     d = integer_tokens((1, 5, 9, 8), dtype, generator=g, low=-1, high=2)
-    dq, dd = _grads(maxsim.maxsim, q, d, seed=5)
-    rq, rd = _grads(lambda a, b: maxsim_reference(a, b)[0], q, d, seed=5, exact=True)
+    dq, dd = weighted_grads(maxsim.maxsim, q, d, seed=5)
+    rq, rd = weighted_grads(lambda a, b: maxsim_reference(a, b)[0], q, d, seed=5, exact=True)
     assert_grads_close(dq, rq, dtype=dtype)
     assert_grads_close(dd, rd, dtype=dtype)
 
@@ -104,7 +94,7 @@ def test_ties_route_to_first_winner(dtype):
 def test_varlen_grads_match_reference(corpus, normalize, dtype):
     q, cu_q, d, cu_d = make(corpus, dtype, seed=6)
     for pairs in (None, (torch.tensor([0, 0]), torch.tensor([0, len(corpus[2]) - 1]))):
-        dq, dd = _grads(
+        dq, dd = weighted_grads(
             lambda a, b, pairs=pairs: maxsim.maxsim_varlen(
                 a, cu_q, b, cu_d, pairs=pairs, normalize=normalize
             ),
@@ -112,7 +102,7 @@ def test_varlen_grads_match_reference(corpus, normalize, dtype):
             d,
             7,
         )
-        rq, rd = _grads(
+        rq, rd = weighted_grads(
             lambda a, b, pairs=pairs: maxsim_varlen_reference(
                 a, cu_q, b, cu_d, pairs=pairs, normalize=normalize
             )[0],
@@ -183,8 +173,8 @@ def test_small_budget_backward(monkeypatch):
     g = torch.Generator().manual_seed(9)
     q = random_tokens((5, 1, 7, 8), torch.float32, generator=g)
     d = random_tokens((1, 6, 33, 8), torch.float32, generator=g)
-    dq, dd = _grads(lambda a, b: maxsim.maxsim(a, b, normalize=True), q, d, seed=10)
-    rq, rd = _grads(lambda a, b: maxsim_reference(a, b, normalize=True)[0], q, d, seed=10, exact=True)
+    dq, dd = weighted_grads(lambda a, b: maxsim.maxsim(a, b, normalize=True), q, d, seed=10)
+    rq, rd = weighted_grads(lambda a, b: maxsim_reference(a, b, normalize=True)[0], q, d, seed=10, exact=True)
     assert_grads_close(dq, rq, dtype=torch.float32)
     assert_grads_close(dd, rd, dtype=torch.float32)
 

@@ -450,9 +450,128 @@ static PyObject *score(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* The tokens of one side of the backward: strided [P, N, L, D] (start NULL) or packed (row start[p * N + n]
+ * + t of x [tokens, D], strides stride[2], stride[3]); inverse: NULL, or a float32 inverse norm per row
+ * (normalize), indexed as the gradient's rows are. */
+typedef struct {
+    const void *x;
+    int64_t stride[4];
+    const int64_t *start;
+    int64_t tokens, N, L;
+    const float *inverse;
+} Side;
+
+/* Token t of sequence (p, n) of a side: its gradient row (-1 outside a packed side's tokens) and its offset
+ * in elements. */
+static int64_t side_row(const Side *s, int64_t p, int64_t n, int64_t t, int64_t *offset)
+{
+    if (s->start == NULL) {
+        *offset = p * s->stride[0] + n * s->stride[1] + t * s->stride[2];
+        return (p * s->N + n) * s->L + t;
+    }
+    const int64_t row = s->start[p * s->N + n] + t;
+    *offset = row * s->stride[2];
+    return row >= 0 && row < s->tokens ? row : -1;
+}
+
+/* out[0:D] += weight * (the token's row as float32, times its inverse norm with normalize). */
+static AVX2_F16C void add_row(const Side *s, int dtype, int64_t row, int64_t offset, int64_t D, float weight,
+                              float *tmp, float *out)
+{
+    const float scale = s->inverse == NULL ? weight : weight * s->inverse[row];
+    if (s->stride[3] == 1 && dtype != FLOAT32) {
+        widen((const char *)s->x + element_size(dtype) * offset, dtype, D, scale, tmp);
+    } else {
+        for (int64_t k = 0; k < D; k++)
+            tmp[k] = element(s->x, dtype, offset + k * s->stride[3]) * scale;
+    }
+    for (int64_t k = 0; k < D; k++)
+        out[k] += tmp[k];
+}
+
+/* gradients((q, q_stride[4], q_start, q_tokens, q_inverse), (d, d_stride[4], d_start, d_tokens, d_inverse),
+ *           dtype, argmax, grad, P, Qn, Dn, Lq, Ld, D, dq, dd, threads)
+ * The backward of the scores from their argmax (int32 [P, Qn, Dn, Lq], -1: no gradient) and gradient
+ * (float32 [P, Qn, Dn]), both contiguous: dq[row(p, qi, i)] += w * d[row(p, n, a)] and dd[row(p, n, a)] +=
+ * w * q[row(p, qi, i)] with w = grad[p, qi, n], a = argmax[p, qi, n, i], into zeroed float32 [rows, D]
+ * (dq, dd: 0 when not needed). Each dq row is summed over n in order by one thread (items: queries), each dd
+ * row over (qi, i) in order (items: documents): deterministic. Rows as Side says; a packed side is one group
+ * (P = 1: all pairs), so no two items share a row. */
+static PyObject *gradients(PyObject *self, PyObject *args)
+{
+    unsigned long long q, q_start, q_inverse, d, d_start, d_inverse, argmax, grad, dq, dd;
+    long long q_stride[4], d_stride[4], q_tokens, d_tokens, P, Qn, Dn, Lq, Ld, D;
+    int dtype, threads;
+    if (!PyArg_ParseTuple(args, "(K(LLLL)KLK)(K(LLLL)KLK)iKKLLLLLLKKi", &q, &q_stride[0], &q_stride[1],
+                          &q_stride[2], &q_stride[3], &q_start, &q_tokens, &q_inverse, &d, &d_stride[0],
+                          &d_stride[1], &d_stride[2], &d_stride[3], &d_start, &d_tokens, &d_inverse, &dtype,
+                          &argmax, &grad, &P, &Qn, &Dn, &Lq, &Ld, &D, &dq, &dd, &threads))
+        return NULL;
+    if (dtype != FLOAT32 && dtype != FLOAT16 && dtype != BFLOAT16) {
+        PyErr_Format(PyExc_ValueError, "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got %d", dtype);
+        return NULL;
+    }
+    const Side qs = {(const void *)q, {q_stride[0], q_stride[1], q_stride[2], q_stride[3]},
+                     (const int64_t *)q_start, q_tokens, Qn, Lq, (const float *)q_inverse};
+    const Side ds = {(const void *)d, {d_stride[0], d_stride[1], d_stride[2], d_stride[3]},
+                     (const int64_t *)d_start, d_tokens, Dn, Ld, (const float *)d_inverse};
+    const int32_t *winners = (const int32_t *)argmax;
+    const float *weights = (const float *)grad;
+    float *dq_rows = (float *)dq, *dd_rows = (float *)dd;
+    int failed = 0;
+    threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *tmp = malloc(sizeof(float) * (D + 1));
+        if (tmp == NULL)
+            failed = 1;
+        if (dq_rows != NULL) {
+#pragma omp for schedule(static)
+            for (int64_t owner = 0; owner < P * Qn; owner++) { /* query (p, qi): its rows, over n in order */
+                const int64_t p = owner / Qn, qi = owner % Qn;
+                for (int64_t n = 0; n < Dn && tmp != NULL; n++) {
+                    const float w = weights[owner * Dn + n];
+                    const int32_t *won = winners + (owner * Dn + n) * Lq;
+                    for (int64_t i = 0; i < Lq; i++) {
+                        int64_t q_offset, d_offset;
+                        const int64_t q_row = won[i] < 0 || won[i] >= Ld ? -1 : side_row(&qs, p, qi, i, &q_offset);
+                        const int64_t d_row = q_row < 0 ? -1 : side_row(&ds, p, n, won[i], &d_offset);
+                        if (d_row >= 0)
+                            add_row(&ds, dtype, d_row, d_offset, D, w, tmp, dq_rows + q_row * D);
+                    }
+                }
+            }
+        }
+        if (dd_rows != NULL) {
+#pragma omp for schedule(static)
+            for (int64_t owner = 0; owner < P * Dn; owner++) { /* document (p, n): over (qi, i) in order */
+                const int64_t p = owner / Dn, n = owner % Dn;
+                for (int64_t qi = 0; qi < Qn && tmp != NULL; qi++) {
+                    const float w = weights[(p * Qn + qi) * Dn + n];
+                    const int32_t *won = winners + ((p * Qn + qi) * Dn + n) * Lq;
+                    for (int64_t i = 0; i < Lq; i++) {
+                        int64_t q_offset, d_offset;
+                        const int64_t d_row = won[i] < 0 || won[i] >= Ld ? -1 : side_row(&ds, p, n, won[i], &d_offset);
+                        const int64_t q_row = d_row < 0 ? -1 : side_row(&qs, p, qi, i, &q_offset);
+                        if (q_row >= 0)
+                            add_row(&qs, dtype, q_row, q_offset, D, w, tmp, dd_rows + d_row * D);
+                    }
+                }
+            }
+        }
+        free(tmp);
+    }
+    Py_END_ALLOW_THREADS
+    if (failed)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"supported", supported, METH_NOARGS, "Whether this CPU has AVX2, FMA and F16C."},
     {"score", score, METH_VARARGS, "MaxSim scores (and argmax) of strided queries against strided documents."},
+    {"gradients", gradients, METH_VARARGS, "dq and dd of the scores from their argmax (deterministic)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -162,3 +162,61 @@ def forward_varlen(
     if q_ids is None:
         return scores[0], None if argmax is None else argmax[0]
     return scores.view(P), None if argmax is None else argmax.view(P, max_lq)
+
+
+def _inverse_norms(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``1 / max(|row|, eps)`` of every row of ``x [..., D]``, contiguous (``F.normalize``'s eps)."""
+    norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+    return norms.clamp_min_(1e-12).reciprocal_().contiguous()
+
+
+def _gradients(q, q_view, q_starts, d, d_view, d_starts, argmax, grad_scores, *, sizes, normalize, rows):
+    """Float32 ``(dq [q rows, D], dd [d rows, D])`` (None where ``rows`` gives None) of the scores from their
+    argmax, by the kernel's ``gradients``; rows as it reads them: padded ``[P, N, L]`` or packed (``starts``:
+    int64 first token per sequence, one group)."""
+    P, Qn, Dn, Lq, Ld = sizes
+    D = q.shape[-1]
+    outputs = [None if n is None else torch.zeros(n, D, dtype=torch.float32) for n in rows]
+    argmax = argmax.contiguous()
+    grad = grad_scores.to(torch.float32).contiguous()
+    q_inv = _inverse_norms(q) if normalize else None
+    d_inv = _inverse_norms(d) if normalize else None
+
+    def side(x, view, starts, inverse):
+        return (
+            x.data_ptr(), view, 0 if starts is None else starts.data_ptr(), x.shape[0],
+            0 if inverse is None else inverse.data_ptr(),
+        )  # fmt: skip
+
+    _cpu_kernel.gradients(
+        side(q, q_view, q_starts, q_inv), side(d, d_view, d_starts, d_inv), DTYPE_CODES[q.dtype],
+        argmax.data_ptr(), grad.data_ptr(), P, Qn, Dn, Lq, Ld, D,
+        *(0 if t is None else t.data_ptr() for t in outputs), torch.get_num_threads(),
+    )  # fmt: skip
+    return outputs
+
+
+def backward_padded(q, d, argmax, grad_scores, *, normalize: bool, need_dq: bool, need_dd: bool):
+    """Float32 gradients with respect to the (normalized, with ``normalize``) tokens: ``dq [P, Qn, Lq, D]``,
+    ``dd [P, Dn, Ld, D]`` (None where not needed) of ``torch_backend.backward_padded``'s problem, for the
+    kernel's dtypes (``applies``); ``q``, ``d`` read in place, argmax int32 ``[P, Qn, Dn, Lq]``."""
+    P, Qn, Lq, D = q.shape
+    Dn, Ld = d.shape[1], d.shape[2]
+    dq, dd = _gradients(
+        q, q.stride(), None, d, d.stride(), None, argmax, grad_scores, sizes=(P, Qn, Dn, Lq, Ld),
+        normalize=normalize, rows=(P * Qn * Lq if need_dq else None, P * Dn * Ld if need_dd else None),
+    )  # fmt: skip
+    return (None if dq is None else dq.view(q.shape)), (None if dd is None else dd.view(d.shape))
+
+
+def backward_varlen(q, cu_q, d, cu_d, argmax, grad_scores, *, normalize: bool, need_dq: bool, need_dd: bool):
+    """Float32 gradients (as ``backward_padded``) ``dq [Tq, D]``, ``dd [Td, D]`` of all pairs of packed
+    sequences: argmax int32 ``[Nq, Nd, max_lq]``, grad_scores ``[Nq, Nd]``."""
+    q_starts, _ = _sequences(cu_q, None)
+    d_starts, _ = _sequences(cu_d, None)
+    Nq, Nd, Lq = argmax.shape
+    return _gradients(
+        q, (0, 0, *q.stride()), q_starts, d, (0, 0, *d.stride()), d_starts, argmax, grad_scores,
+        sizes=(1, Nq, Nd, Lq, d.shape[0]), normalize=normalize,  # a winner's bound: the tokens of d
+        rows=(q.shape[0] if need_dq else None, d.shape[0] if need_dd else None),
+    )  # fmt: skip

@@ -210,6 +210,11 @@ def backward_padded(
     Returns:
         ``(dq, dd)`` in the input dtype, shaped like ``q`` and ``d`` (None where not needed).
     """
+    if cpu_kernel.applies(q, d):
+        dq, dd = cpu_kernel.backward_padded(
+            q, d, argmax, grad_scores, normalize=normalize, need_dq=need_dq, need_dd=need_dd
+        )
+        return _from_normalized(q, dq, normalize), _from_normalized(d, dd, normalize)
     P, Qn, Lq, D = q.shape
     Dn, Ld = d.shape[1], d.shape[2]
     dtype = _compute_dtype(q.dtype)
@@ -245,11 +250,7 @@ def backward_padded(
                 if normalize:
                     dd_block = normalize_backward(d[p0:p1, d0:d1], dd_block)
                 dd[p0:p1, d0:d1] = dd_block
-    dq = None
-    if need_dq:
-        dq = normalize_backward(q, dq_normalized) if normalize else dq_normalized
-        dq = dq.to(q.dtype)
-    return dq, dd
+    return _from_normalized(q, dq_normalized, normalize), dd
 
 
 class PaddedMaxSim(torch.autograd.Function):
@@ -392,8 +393,22 @@ def forward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq, max_ld, normalize,
     return scores, argmax
 
 
+def _from_normalized(x: torch.Tensor, grad: torch.Tensor | None, normalize: bool) -> torch.Tensor | None:
+    """A float32 gradient with respect to the (normalized, with ``normalize``) tokens as ``x``'s gradient, in
+    ``x``'s dtype."""
+    if grad is None:
+        return None
+    return (normalize_backward(x, grad) if normalize else grad).to(x.dtype)
+
+
 def backward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores, *, normalize, need_dq, need_dd):
-    """Gradients of ``forward_varlen``'s scores from its argmax, accumulated over blocks of pairs."""
+    """Gradients of ``forward_varlen``'s scores from its argmax, accumulated over blocks of pairs (all pairs
+    on the CPU kernel where it applies: each row's sum in one thread)."""
+    if q_ids is None and cpu_kernel.applies(q, d):
+        dq, dd = cpu_kernel.backward_varlen(
+            q, cu_q, d, cu_d, argmax, grad_scores, normalize=normalize, need_dq=need_dq, need_dd=need_dd
+        )
+        return _from_normalized(q, dq, normalize), _from_normalized(d, dd, normalize)
     if q_ids is None:
         q_ids, d_ids = _pairs_grid(cu_q.shape[0] - 1, cu_d.shape[0] - 1, q.device)
         argmax = argmax.reshape(-1, argmax.shape[-1])
@@ -415,10 +430,7 @@ def backward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores, *, norm
             dq.index_add_(0, q_token, weight * _prepare(d[d_token], normalize))
         if need_dd:
             dd.index_add_(0, d_token, weight * _prepare(q[q_token], normalize))
-    if normalize:
-        dq = normalize_backward(q, dq) if need_dq else None
-        dd = normalize_backward(d, dd) if need_dd else None
-    return (dq.to(q.dtype) if need_dq else None), (dd.to(d.dtype) if need_dd else None)
+    return _from_normalized(q, dq, normalize), _from_normalized(d, dd, normalize)
 
 
 class VarlenMaxSim(torch.autograd.Function):
