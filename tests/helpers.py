@@ -75,6 +75,31 @@ def integer_tokens(shape, dtype, *, generator, low=-2, high=3) -> torch.Tensor:
 GRAD_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
+class NoGradient(torch.autograd.Function):
+    """Identity whose backward gives no gradient (undefined): the node before it gets None."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+def record_argmax_gradients(monkeypatch, function) -> list:
+    """Patch the autograd ``function``'s backward ``(ctx, grad_scores, grad_argmax)`` to append each
+    ``grad_argmax`` it gets to the returned list."""
+    backward, seen = function.backward, []
+
+    def recording(ctx, grad_scores, grad_argmax):
+        seen.append(grad_argmax)
+        return backward(ctx, grad_scores, grad_argmax)
+
+    monkeypatch.setattr(function, "backward", staticmethod(recording))
+    return seen
+
+
 def weighted_grads(fn, q, d, seed, *, exact=False):
     """Gradients of a random weighting of ``fn(q, d)``; ``exact``: on float64 copies of the same values."""
     q = (q.double() if exact else q).detach().requires_grad_()

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DTYPES, assert_grads_close, dtype_id, integer_tokens, random_tokens, weighted_grads
+from helpers import (
+    DTYPES,
+    NoGradient,
+    assert_grads_close,
+    dtype_id,
+    integer_tokens,
+    random_tokens,
+    record_argmax_gradients,
+    weighted_grads,
+)
 from test_maxsim import LAYOUTS, layout_id, make_masks, reference_masks
 from test_varlen import CORPORA, corpus_id, make
 
@@ -141,13 +150,7 @@ def test_argmax_gradient_is_not_materialized(layout, monkeypatch):
     from maxsim.backends import torch_backend
 
     function = torch_backend.PaddedMaxSim if layout == "padded" else torch_backend.VarlenMaxSim
-    backward, seen = function.backward, []
-
-    def recording(ctx, grad_scores, grad_argmax):
-        seen.append(grad_argmax)
-        return backward(ctx, grad_scores, grad_argmax)
-
-    monkeypatch.setattr(function, "backward", staticmethod(recording))
+    seen = record_argmax_gradients(monkeypatch, function)
     monkeypatch.setenv("MAXSIM_BACKEND", "torch")
     g = torch.Generator().manual_seed(9)
     q = random_tokens((6, 16, 8), torch.float32, generator=g).requires_grad_()
@@ -181,16 +184,6 @@ def test_small_budget_backward(monkeypatch):
 
 def test_undefined_score_gradient_gives_none():
     """The torch backend's autograd reached with no gradient for the scores (not materialized)."""
-
-    class NoGradient(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, grad):
-            return None
-
     q = torch.randn(3, 4, 8, requires_grad=True)
     d = torch.randn(3, 5, 8, requires_grad=True)
     cu = torch.tensor([0, 4, 12])

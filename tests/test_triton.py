@@ -20,12 +20,14 @@ if not torch.cuda.is_available():  # before triton's first import, or its own li
 triton = pytest.importorskip("triton")
 
 from helpers import (  # noqa: E402
+    NoGradient,
     assert_grads_close,
     assert_scores_close,
     dtype_id,
     integer_tokens,
     naive_scores,
     random_tokens,
+    record_argmax_gradients,
 )
 
 import maxsim  # noqa: E402
@@ -518,18 +520,6 @@ def test_varlen_gradients():
     torch.testing.assert_close(grads[0][1], grads[1][1])
 
 
-class _NoGradient(torch.autograd.Function):
-    """Identity whose backward gives no gradient (undefined): what reaches the node before it is None."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None
-
-
 @pytest.mark.parametrize("layout", ["padded", "varlen"])
 def test_undefined_score_gradient_gives_none(layout):
     """A backward reached with no gradient for the scores (not materialized) returns no gradient."""
@@ -542,7 +532,7 @@ def test_undefined_score_gradient_gives_none(layout):
     else:
         cqd, cdd = to_dev(cu_q, cu_d)
         scores = maxsim.maxsim_varlen(qd, cqd, dd, cdd)
-    (_NoGradient.apply(scores).sum() + qd.sum()).backward()
+    (NoGradient.apply(scores).sum() + qd.sum()).backward()
     assert torch.equal(qd.grad.cpu(), torch.ones_like(q)) and dd.grad is None
 
 
@@ -553,13 +543,7 @@ def test_argmax_gradient_is_not_materialized(layout, monkeypatch):
     from maxsim.backends.triton import ops
 
     function = ops.PaddedFunction if layout == "padded" else ops.VarlenFunction
-    backward, seen = function.backward, []
-
-    def recording(ctx, grad_scores, grad_argmax):
-        seen.append(grad_argmax)
-        return backward(ctx, grad_scores, grad_argmax)
-
-    monkeypatch.setattr(function, "backward", staticmethod(recording))
+    seen = record_argmax_gradients(monkeypatch, function)
     g = torch.Generator().manual_seed(32)
     q, cu_q = ragged(g, [3, 5], 16, torch.float32)
     d, cu_d = ragged(g, [4, 9, 2], 16, torch.float32)

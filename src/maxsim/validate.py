@@ -207,7 +207,7 @@ def token_mask(
 def token_lengths(x: torch.Tensor, lengths, side: str, *, check_values: bool) -> torch.Tensor:
     """Checked ``{side}_lengths`` of ``x [..., L, D]``: an integer tensor broadcastable to the batch dims
     ``[...]`` (returned expanded to them, a view) whose values lie in ``[1, L]`` (checked with
-    ``check_values``: one device->host sync)."""
+    ``check_values``: ``check_in_range``)."""
     lengths_name = f"{side}_lengths"
     batch, length = x.shape[:-2], x.shape[-2]
     if not isinstance(lengths, torch.Tensor):

@@ -164,23 +164,16 @@ def forward_varlen(
     return scores.view(P), None if argmax is None else argmax.view(P, max_lq)
 
 
-def _inverse_norms(x: torch.Tensor) -> torch.Tensor:
-    """float32 ``1 / max(|row|, eps)`` of every row of ``x [..., D]``, contiguous (``F.normalize``'s eps)."""
-    norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
-    return norms.clamp_min_(1e-12).reciprocal_().contiguous()
-
-
-def _gradients(q, q_view, q_starts, d, d_view, d_starts, argmax, grad_scores, *, sizes, normalize, rows):
+def _gradients(q, q_view, q_starts, d, d_view, d_starts, argmax, grad_scores, q_inv, d_inv, *, sizes, rows):
     """Float32 ``(dq [q rows, D], dd [d rows, D])`` (None where ``rows`` gives None) of the scores from their
     argmax, by the kernel's ``gradients``; rows as it reads them: padded ``[P, N, L]`` or packed (``starts``:
-    int64 first token per sequence, one group)."""
+    int64 first token per sequence, one group). ``q_inv``, ``d_inv``: float32 inverse norms per row
+    (contiguous, rows in that order) of normalized tokens, or None."""
     P, Qn, Dn, Lq, Ld = sizes
     D = q.shape[-1]
     outputs = [None if n is None else torch.zeros(n, D, dtype=torch.float32) for n in rows]
     argmax = argmax.contiguous()
     grad = grad_scores.to(torch.float32).contiguous()
-    q_inv = _inverse_norms(q) if normalize else None
-    d_inv = _inverse_norms(d) if normalize else None
 
     def side(x, view, starts, inverse):
         return (
@@ -196,27 +189,29 @@ def _gradients(q, q_view, q_starts, d, d_view, d_starts, argmax, grad_scores, *,
     return outputs
 
 
-def backward_padded(q, d, argmax, grad_scores, *, normalize: bool, need_dq: bool, need_dd: bool):
-    """Float32 gradients with respect to the (normalized, with ``normalize``) tokens: ``dq [P, Qn, Lq, D]``,
-    ``dd [P, Dn, Ld, D]`` (None where not needed) of ``torch_backend.backward_padded``'s problem, for the
-    kernel's dtypes (``applies``); ``q``, ``d`` read in place, argmax int32 ``[P, Qn, Dn, Lq]``."""
+def backward_padded(q, d, argmax, grad_scores, q_inv, d_inv, *, need_dq: bool, need_dd: bool):
+    """Float32 gradients with respect to the tokens (normalized ones, given their inverse norms ``q_inv``
+    ``[P, Qn, Lq]``, ``d_inv`` ``[P, Dn, Ld]``; None: raw): ``dq [P, Qn, Lq, D]``, ``dd [P, Dn, Ld, D]`` (None
+    where not needed) of ``torch_backend.backward_padded``'s problem, for the kernel's dtypes (``applies``);
+    ``q``, ``d`` read in place, argmax int32 ``[P, Qn, Dn, Lq]``."""
     P, Qn, Lq, D = q.shape
     Dn, Ld = d.shape[1], d.shape[2]
     dq, dd = _gradients(
-        q, q.stride(), None, d, d.stride(), None, argmax, grad_scores, sizes=(P, Qn, Dn, Lq, Ld),
-        normalize=normalize, rows=(P * Qn * Lq if need_dq else None, P * Dn * Ld if need_dd else None),
+        q, q.stride(), None, d, d.stride(), None, argmax, grad_scores, q_inv, d_inv, sizes=(P, Qn, Dn, Lq, Ld),
+        rows=(P * Qn * Lq if need_dq else None, P * Dn * Ld if need_dd else None),
     )  # fmt: skip
     return (None if dq is None else dq.view(q.shape)), (None if dd is None else dd.view(d.shape))
 
 
-def backward_varlen(q, cu_q, d, cu_d, argmax, grad_scores, *, normalize: bool, need_dq: bool, need_dd: bool):
-    """Float32 gradients (as ``backward_padded``) ``dq [Tq, D]``, ``dd [Td, D]`` of all pairs of packed
-    sequences: argmax int32 ``[Nq, Nd, max_lq]``, grad_scores ``[Nq, Nd]``."""
+def backward_varlen(q, cu_q, d, cu_d, argmax, grad_scores, q_inv, d_inv, *, need_dq: bool, need_dd: bool):
+    """Float32 gradients (as ``backward_padded``; inverse norms ``[Tq]``, ``[Td]`` or None) ``dq [Tq, D]``,
+    ``dd [Td, D]`` of all pairs of packed sequences: argmax int32 ``[Nq, Nd, max_lq]``, grad_scores
+    ``[Nq, Nd]``."""
     q_starts, _ = _sequences(cu_q, None)
     d_starts, _ = _sequences(cu_d, None)
     Nq, Nd, Lq = argmax.shape
     return _gradients(
-        q, (0, 0, *q.stride()), q_starts, d, (0, 0, *d.stride()), d_starts, argmax, grad_scores,
-        sizes=(1, Nq, Nd, Lq, d.shape[0]), normalize=normalize,  # a winner's bound: the tokens of d
+        q, (0, 0, *q.stride()), q_starts, d, (0, 0, *d.stride()), d_starts, argmax, grad_scores, q_inv, d_inv,
+        sizes=(1, Nq, Nd, Lq, d.shape[0]),  # a winner's bound: the tokens of d
         rows=(q.shape[0] if need_dq else None, d.shape[0] if need_dd else None),
     )  # fmt: skip

@@ -57,6 +57,12 @@ def _prepare(x: torch.Tensor, normalize: bool) -> torch.Tensor:
     return F.normalize(x, dim=-1, eps=NORMALIZE_EPS) if normalize else x
 
 
+def inverse_norms(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``1 / max(|row|, eps)`` of every row of ``x [..., D]`` (``F.normalize``'s), contiguous."""
+    norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+    return norms.clamp_min_(NORMALIZE_EPS).reciprocal_().contiguous()
+
+
 def normalize_backward(x: torch.Tensor, grad_normalized: torch.Tensor) -> torch.Tensor:
     """Gradient w.r.t. ``x`` of ``F.normalize(x, dim=-1)`` given the gradient w.r.t. its output."""
     x = x.to(grad_normalized.dtype)
@@ -211,9 +217,8 @@ def backward_padded(
         ``(dq, dd)`` in the input dtype, shaped like ``q`` and ``d`` (None where not needed).
     """
     if cpu_kernel.applies(q, d):
-        dq, dd = cpu_kernel.backward_padded(
-            q, d, argmax, grad_scores, normalize=normalize, need_dq=need_dq, need_dd=need_dd
-        )
+        norms = (inverse_norms(q), inverse_norms(d)) if normalize else (None, None)
+        dq, dd = cpu_kernel.backward_padded(q, d, argmax, grad_scores, *norms, need_dq=need_dq, need_dd=need_dd)
         return _from_normalized(q, dq, normalize), _from_normalized(d, dd, normalize)
     P, Qn, Lq, D = q.shape
     Dn, Ld = d.shape[1], d.shape[2]
@@ -405,8 +410,9 @@ def backward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores, *, norm
     """Gradients of ``forward_varlen``'s scores from its argmax, accumulated over blocks of pairs (all pairs
     on the CPU kernel where it applies: each row's sum in one thread)."""
     if q_ids is None and cpu_kernel.applies(q, d):
+        norms = (inverse_norms(q), inverse_norms(d)) if normalize else (None, None)
         dq, dd = cpu_kernel.backward_varlen(
-            q, cu_q, d, cu_d, argmax, grad_scores, normalize=normalize, need_dq=need_dq, need_dd=need_dd
+            q, cu_q, d, cu_d, argmax, grad_scores, *norms, need_dq=need_dq, need_dd=need_dd
         )
         return _from_normalized(q, dq, normalize), _from_normalized(d, dd, normalize)
     if q_ids is None:

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..torch_backend import NORMALIZE_EPS, normalize_backward
+from ..torch_backend import inverse_norms, normalize_backward
 from .forward import INTERPRETED, _next_pow2, _pow2_at_least, cdiv, launch_device
 from .launch import Launcher
 
@@ -218,12 +218,6 @@ _DD_PLACE = Launcher(_dd_place_kernel, INTERPRETED.value)
 _DD_GATHER = Launcher(_dd_gather_kernel, INTERPRETED.value)
 
 
-def _inverse_norms(x: torch.Tensor) -> torch.Tensor:
-    """float32 ``1 / max(|x_row|, eps)`` over the last dim, contiguous."""
-    norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
-    return norms.clamp_min_(NORMALIZE_EPS).reciprocal_().contiguous()
-
-
 def _entries_by_token(argmax: torch.Tensor, Qn: int, Dn: int, Lq: int, Ld: int):
     """The argmax inverted, per document token: ``(order, rows)`` such that the query tokens that won token
     ``j`` of document ``pn = p * Dn + n`` are ``u = qi * Lq + i`` for ``u`` in
@@ -336,7 +330,7 @@ def _backward(q, d, argmax, grad_scores, Ld, q_strides, d_strides, cu_q, cu_d, *
             block_n, block_i, block_d = DQ_BLOCKS
             block_i, block_d = min(block_i, _pow2_at_least(Lq)), min(block_d, _pow2_at_least(D))
             n_ib = cdiv(Lq, block_i)
-            d_inv = _inverse_norms(d) if normalize else grad_scores
+            d_inv = inverse_norms(d) if normalize else grad_scores
             if dq.numel():
                 _DQ(
                     (P * Qn * n_ib, cdiv(D, block_d)),
@@ -352,7 +346,7 @@ def _backward(q, d, argmax, grad_scores, Ld, q_strides, d_strides, cu_q, cu_d, *
             dd = alloc(d.shape, dtype=out_dtype, device=q.device)
             rows = P * Dn * Ld
             if dd.numel() and rows:
-                q_inv = _inverse_norms(q) if normalize else grad_scores
+                q_inv = inverse_norms(q) if normalize else grad_scores
                 order, token_rows = _entries_by_token(argmax, Qn, Dn, Lq, Ld)
                 block_r, block_t, block_d = DD_BLOCKS
                 block_d = min(block_d, _pow2_at_least(D))
