@@ -245,11 +245,14 @@ def test_malformed_offsets_read_nothing_outside(monkeypatch):
 @needs_kernel
 def test_threads_give_the_same_bits(monkeypatch):
     """Work is split over documents, each scored whole by one thread, and each gradient row is summed in one
-    fixed order by one thread: any thread count, the same bits (scores, argmax, dq, dd)."""
+    fixed order by one thread: any thread count, the same bits (scores, argmax, dq, dd; listed pairs with
+    repeated queries and documents too)."""
     monkeypatch.setenv("MAXSIM_BACKEND", "torch")
     g = torch.Generator().manual_seed(7)
     q = random_tokens((3, 21, 48), torch.float32, generator=g)
     d = random_tokens((3, 11, 50, 48), torch.float32, generator=g)
+    cu_q, cu_d = torch.arange(0, 3 * 21 + 1, 21), torch.arange(0, 11 * 50 + 1, 50)
+    pairs = (torch.randint(0, 3, (40,), generator=g), torch.randint(0, 11, (40,), generator=g))  # repeats
     threads = torch.get_num_threads()
     try:
         results = []
@@ -257,7 +260,10 @@ def test_threads_give_the_same_bits(monkeypatch):
             torch.set_num_threads(n)
             scores, argmax = maxsim.maxsim(q[:, None], d, return_argmax=True)
             grads = weighted_grads(lambda a, b: maxsim.maxsim(a[:, None], b[None]), q, d[0], 3)
-            results.append((scores, argmax, *grads))
+            listed = weighted_grads(
+                lambda a, b: maxsim.maxsim_varlen(a.view(-1, 48), cu_q, b.view(-1, 48), cu_d, pairs=pairs), q, d[0], 4
+            )
+            results.append((scores, argmax, *grads, *listed))
     finally:
         torch.set_num_threads(threads)
     for result in results[1:]:
@@ -283,7 +289,9 @@ def test_cpu_calls_take_the_kernel(monkeypatch):
     maxsim.maxsim(q4[:, None], d5[None]).sum().backward()
     cu_q, cu_d = torch.arange(0, 33, 8), torch.arange(0, 51, 10)
     maxsim.maxsim_varlen(q4.view(-1, 16), cu_q, d5.view(-1, 16), cu_d).sum().backward()
-    assert calls == ["_run", "_gradients"] * 2
+    pairs = (torch.tensor([3, 0, 3]), torch.tensor([1, 4, 1]))
+    maxsim.maxsim_varlen(q4.view(-1, 16), cu_q, d5.view(-1, 16), cu_d, pairs=pairs).sum().backward()
+    assert calls == ["_run", "_gradients"] * 3
 
 
 QUANTIZED = (torch.int8, torch.float8_e4m3fn)

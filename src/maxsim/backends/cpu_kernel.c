@@ -461,14 +461,16 @@ typedef struct {
     const float *inverse;
 } Side;
 
-/* Token t of sequence (p, n) of a side: its gradient row (-1 outside a packed side's tokens) and its offset
- * in elements. */
+/* Token t of sequence (p, n) of a side: its gradient row (-1 outside a packed side's sequences or tokens)
+ * and its offset in elements. */
 static int64_t side_row(const Side *s, int64_t p, int64_t n, int64_t t, int64_t *offset)
 {
     if (s->start == NULL) {
         *offset = p * s->stride[0] + n * s->stride[1] + t * s->stride[2];
         return (p * s->N + n) * s->L + t;
     }
+    if (n < 0 || n >= s->N)
+        return -1;
     const int64_t row = s->start[p * s->N + n] + t;
     *offset = row * s->stride[2];
     return row >= 0 && row < s->tokens ? row : -1;
@@ -489,32 +491,66 @@ static AVX2_F16C void add_row(const Side *s, int dtype, int64_t row, int64_t off
         out[k] += tmp[k];
 }
 
+/* Listed pairs of packed sequences (all NULL for every pair of every group): pair e is query q_ids[e] and
+ * document d_ids[e]; the pairs of query i are q_order[q_first[i] .. q_first[i + 1]], in pair order, and those
+ * of document n d_order[d_first[n] .. d_first[n + 1]]. */
+typedef struct {
+    const int64_t *q_ids, *d_ids, *q_order, *q_first, *d_order, *d_first;
+} Pairs;
+
+/* The k-th pair of an item of the backward and the sequence on its other side: for every pair, item (p, i)
+ * of a side whose groups hold N sequences faces sequence k of the other side (pair index (p * N + i) * M + k,
+ * M the other side's count, or (p * M + k) * N + i for documents); listed, the pairs of the item in order. */
+static int64_t pair_of(const Pairs *pairs, int documents, int64_t owner, int64_t k, int64_t N, int64_t M,
+                       int64_t *other)
+{
+    if (pairs->q_ids == NULL) {
+        const int64_t p = owner / N, i = owner % N;
+        *other = k;
+        return documents ? (p * M + k) * N + i : (p * N + i) * M + k;
+    }
+    const int64_t e = documents ? pairs->d_order[pairs->d_first[owner] + k] : pairs->q_order[pairs->q_first[owner] + k];
+    *other = documents ? pairs->q_ids[e] : pairs->d_ids[e];
+    return e;
+}
+
 /* gradients((q, q_stride[4], q_start, q_tokens, q_inverse), (d, d_stride[4], d_start, d_tokens, d_inverse),
- *           dtype, argmax, grad, P, Qn, Dn, Lq, Ld, D, dq, dd, threads)
- * The backward of the scores from their argmax (int32 [P, Qn, Dn, Lq], -1: no gradient) and gradient
- * (float32 [P, Qn, Dn]), both contiguous: dq[row(p, qi, i)] += w * d[row(p, n, a)] and dd[row(p, n, a)] +=
- * w * q[row(p, qi, i)] with w = grad[p, qi, n], a = argmax[p, qi, n, i], into zeroed float32 [rows, D]
- * (dq, dd: 0 when not needed). Each dq row is summed over n in order by one thread (items: queries), each dd
- * row over (qi, i) in order (items: documents): deterministic. Rows as Side says; a packed side is one group
- * (P = 1: all pairs), so no two items share a row. */
+ *           dtype, argmax, grad, (q_ids, d_ids, q_order, q_first, d_order, d_first), P, Qn, Dn, Lq, Ld, D, dq, dd,
+ *           threads)
+ * The backward of the scores from their argmax (int32 [pairs, Lq], -1: no gradient) and gradient (float32
+ * [pairs]), both contiguous: dq[row(p, qi, i)] += w * d[row(p, n, a)] and dd[row(p, n, a)] += w * q[row(p, qi,
+ * i)] with w = grad[e], a = argmax[e, i] for each pair e = (p, qi, n), into zeroed float32 [rows, D] (dq, dd:
+ * 0 when not needed). Pairs: every (qi, n) of every group p (pair (p * Qn + qi) * Dn + n; Pairs all 0), or
+ * listed pairs of packed sequences (P = 1; Pairs says which). Each dq row is summed over its pairs in order by
+ * one thread (items: queries), each dd row over its pairs, then query tokens, in order (items: documents):
+ * deterministic. Rows as Side says. */
 static PyObject *gradients(PyObject *self, PyObject *args)
 {
     unsigned long long q, q_start, q_inverse, d, d_start, d_inverse, argmax, grad, dq, dd;
+    unsigned long long q_ids, d_ids, q_order, q_first, d_order, d_first;
     long long q_stride[4], d_stride[4], q_tokens, d_tokens, P, Qn, Dn, Lq, Ld, D;
     int dtype, threads;
-    if (!PyArg_ParseTuple(args, "(K(LLLL)KLK)(K(LLLL)KLK)iKKLLLLLLKKi", &q, &q_stride[0], &q_stride[1],
+    if (!PyArg_ParseTuple(args, "(K(LLLL)KLK)(K(LLLL)KLK)iKK(KKKKKK)LLLLLLKKi", &q, &q_stride[0], &q_stride[1],
                           &q_stride[2], &q_stride[3], &q_start, &q_tokens, &q_inverse, &d, &d_stride[0],
                           &d_stride[1], &d_stride[2], &d_stride[3], &d_start, &d_tokens, &d_inverse, &dtype,
-                          &argmax, &grad, &P, &Qn, &Dn, &Lq, &Ld, &D, &dq, &dd, &threads))
+                          &argmax, &grad, &q_ids, &d_ids, &q_order, &q_first, &d_order, &d_first, &P, &Qn, &Dn,
+                          &Lq, &Ld, &D, &dq, &dd, &threads))
         return NULL;
     if (dtype != FLOAT32 && dtype != FLOAT16 && dtype != BFLOAT16) {
         PyErr_Format(PyExc_ValueError, "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got %d", dtype);
+        return NULL;
+    }
+    const int listed = q_ids != 0;
+    if (listed && (q_start == 0 || d_start == 0 || P != 1 || !d_ids || !q_order || !q_first || !d_order || !d_first)) {
+        PyErr_SetString(PyExc_ValueError, "listed pairs take packed sequences (one group) and every pair array");
         return NULL;
     }
     const Side qs = {(const void *)q, {q_stride[0], q_stride[1], q_stride[2], q_stride[3]},
                      (const int64_t *)q_start, q_tokens, Qn, Lq, (const float *)q_inverse};
     const Side ds = {(const void *)d, {d_stride[0], d_stride[1], d_stride[2], d_stride[3]},
                      (const int64_t *)d_start, d_tokens, Dn, Ld, (const float *)d_inverse};
+    const Pairs pairs = {(const int64_t *)q_ids, (const int64_t *)d_ids, (const int64_t *)q_order,
+                         (const int64_t *)q_first, (const int64_t *)d_order, (const int64_t *)d_first};
     const int32_t *winners = (const int32_t *)argmax;
     const float *weights = (const float *)grad;
     float *dq_rows = (float *)dq, *dd_rows = (float *)dd;
@@ -528,34 +564,38 @@ static PyObject *gradients(PyObject *self, PyObject *args)
             failed = 1;
         if (dq_rows != NULL) {
 #pragma omp for schedule(static)
-            for (int64_t owner = 0; owner < P * Qn; owner++) { /* query (p, qi): its rows, over n in order */
+            for (int64_t owner = 0; owner < P * Qn; owner++) { /* query (p, qi): its rows, over its pairs in order */
                 const int64_t p = owner / Qn, qi = owner % Qn;
-                for (int64_t n = 0; n < Dn && tmp != NULL; n++) {
-                    const float w = weights[owner * Dn + n];
-                    const int32_t *won = winners + (owner * Dn + n) * Lq;
+                const int64_t count = listed ? pairs.q_first[owner + 1] - pairs.q_first[owner] : Dn;
+                for (int64_t k = 0; k < count && tmp != NULL; k++) {
+                    int64_t n;
+                    const int64_t e = pair_of(&pairs, 0, owner, k, Qn, Dn, &n);
+                    const int32_t *won = winners + e * Lq;
                     for (int64_t i = 0; i < Lq; i++) {
                         int64_t q_offset, d_offset;
                         const int64_t q_row = won[i] < 0 || won[i] >= Ld ? -1 : side_row(&qs, p, qi, i, &q_offset);
                         const int64_t d_row = q_row < 0 ? -1 : side_row(&ds, p, n, won[i], &d_offset);
                         if (d_row >= 0)
-                            add_row(&ds, dtype, d_row, d_offset, D, w, tmp, dq_rows + q_row * D);
+                            add_row(&ds, dtype, d_row, d_offset, D, weights[e], tmp, dq_rows + q_row * D);
                     }
                 }
             }
         }
         if (dd_rows != NULL) {
 #pragma omp for schedule(static)
-            for (int64_t owner = 0; owner < P * Dn; owner++) { /* document (p, n): over (qi, i) in order */
+            for (int64_t owner = 0; owner < P * Dn; owner++) { /* document (p, n): over its pairs, then (i), in order */
                 const int64_t p = owner / Dn, n = owner % Dn;
-                for (int64_t qi = 0; qi < Qn && tmp != NULL; qi++) {
-                    const float w = weights[(p * Qn + qi) * Dn + n];
-                    const int32_t *won = winners + ((p * Qn + qi) * Dn + n) * Lq;
+                const int64_t count = listed ? pairs.d_first[owner + 1] - pairs.d_first[owner] : Qn;
+                for (int64_t k = 0; k < count && tmp != NULL; k++) {
+                    int64_t qi;
+                    const int64_t e = pair_of(&pairs, 1, owner, k, Dn, Qn, &qi);
+                    const int32_t *won = winners + e * Lq;
                     for (int64_t i = 0; i < Lq; i++) {
                         int64_t q_offset, d_offset;
                         const int64_t d_row = won[i] < 0 || won[i] >= Ld ? -1 : side_row(&ds, p, n, won[i], &d_offset);
                         const int64_t q_row = d_row < 0 ? -1 : side_row(&qs, p, qi, i, &q_offset);
                         if (q_row >= 0)
-                            add_row(&qs, dtype, q_row, q_offset, D, w, tmp, dd_rows + d_row * D);
+                            add_row(&qs, dtype, q_row, q_offset, D, weights[e], tmp, dd_rows + d_row * D);
                     }
                 }
             }

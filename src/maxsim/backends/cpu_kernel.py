@@ -164,11 +164,27 @@ def forward_varlen(
     return scores.view(P), None if argmax is None else argmax.view(P, max_lq)
 
 
-def _gradients(q, q_view, q_starts, d, d_view, d_starts, argmax, grad_scores, q_inv, d_inv, *, sizes, rows):
+_EVERY_PAIR = (0,) * 6
+
+
+def _listed_pairs(q_ids: torch.Tensor, d_ids: torch.Tensor, nq: int, nd: int) -> tuple:
+    """int64 ``(q_ids, d_ids, q_order, q_first, d_order, d_first)``: the pairs of each query (document) in
+    pair order are ``q_order[q_first[i]:q_first[i + 1]]`` (a stable sort by id)."""
+    arrays = [q_ids.long().contiguous(), d_ids.long().contiguous()]
+    for ids, count in ((arrays[0], nq), (arrays[1], nd)):
+        order = torch.argsort(ids, stable=True)
+        arrays += [order, torch.searchsorted(ids[order], torch.arange(count + 1))]
+    return arrays[0], arrays[1], arrays[2], arrays[3], arrays[4], arrays[5]
+
+
+def _gradients(
+    q, q_view, q_starts, d, d_view, d_starts, argmax, grad_scores, q_inv, d_inv, *, sizes, rows, pairs=None
+):  # fmt: skip
     """Float32 ``(dq [q rows, D], dd [d rows, D])`` (None where ``rows`` gives None) of the scores from their
     argmax, by the kernel's ``gradients``; rows as it reads them: padded ``[P, N, L]`` or packed (``starts``:
     int64 first token per sequence, one group). ``q_inv``, ``d_inv``: float32 inverse norms per row
-    (contiguous, rows in that order) of normalized tokens, or None."""
+    (contiguous, rows in that order) of normalized tokens, or None. ``pairs``: ``_listed_pairs`` (argmax
+    ``[pairs, Lq]``, grad_scores ``[pairs]``) or None for every pair of every group."""
     P, Qn, Dn, Lq, Ld = sizes
     D = q.shape[-1]
     outputs = [None if n is None else torch.zeros(n, D, dtype=torch.float32) for n in rows]
@@ -183,7 +199,8 @@ def _gradients(q, q_view, q_starts, d, d_view, d_starts, argmax, grad_scores, q_
 
     _cpu_kernel.gradients(
         side(q, q_view, q_starts, q_inv), side(d, d_view, d_starts, d_inv), DTYPE_CODES[q.dtype],
-        argmax.data_ptr(), grad.data_ptr(), P, Qn, Dn, Lq, Ld, D,
+        argmax.data_ptr(), grad.data_ptr(), _EVERY_PAIR if pairs is None else tuple(t.data_ptr() for t in pairs),
+        P, Qn, Dn, Lq, Ld, D,
         *(0 if t is None else t.data_ptr() for t in outputs), torch.get_num_threads(),
     )  # fmt: skip
     return outputs
@@ -203,15 +220,18 @@ def backward_padded(q, d, argmax, grad_scores, q_inv, d_inv, *, need_dq: bool, n
     return (None if dq is None else dq.view(q.shape)), (None if dd is None else dd.view(d.shape))
 
 
-def backward_varlen(q, cu_q, d, cu_d, argmax, grad_scores, q_inv, d_inv, *, need_dq: bool, need_dd: bool):
+def backward_varlen(
+    q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores, q_inv, d_inv, *, need_dq: bool, need_dd: bool
+):  # fmt: skip
     """Float32 gradients (as ``backward_padded``; inverse norms ``[Tq]``, ``[Td]`` or None) ``dq [Tq, D]``,
-    ``dd [Td, D]`` of all pairs of packed sequences: argmax int32 ``[Nq, Nd, max_lq]``, grad_scores
-    ``[Nq, Nd]``."""
+    ``dd [Td, D]`` of packed sequences: all pairs (``q_ids`` None; argmax int32 ``[Nq, Nd, max_lq]``,
+    grad_scores ``[Nq, Nd]``) or the listed pairs ``(q_ids, d_ids)`` (``[P, max_lq]``, ``[P]``)."""
     q_starts, _ = _sequences(cu_q, None)
     d_starts, _ = _sequences(cu_d, None)
-    Nq, Nd, Lq = argmax.shape
+    Nq, Nd, Lq = cu_q.shape[0] - 1, cu_d.shape[0] - 1, argmax.shape[-1]
     return _gradients(
         q, (0, 0, *q.stride()), q_starts, d, (0, 0, *d.stride()), d_starts, argmax, grad_scores, q_inv, d_inv,
         sizes=(1, Nq, Nd, Lq, d.shape[0]),  # a winner's bound: the tokens of d
         rows=(q.shape[0] if need_dq else None, d.shape[0] if need_dd else None),
+        pairs=None if q_ids is None else _listed_pairs(q_ids, d_ids, Nq, Nd),
     )  # fmt: skip

@@ -407,12 +407,12 @@ def _from_normalized(x: torch.Tensor, grad: torch.Tensor | None, normalize: bool
 
 
 def backward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores, *, normalize, need_dq, need_dd):
-    """Gradients of ``forward_varlen``'s scores from its argmax, accumulated over blocks of pairs (all pairs
-    on the CPU kernel where it applies: each row's sum in one thread)."""
-    if q_ids is None and cpu_kernel.applies(q, d):
+    """Gradients of ``forward_varlen``'s scores from its argmax, accumulated over blocks of pairs (on the CPU
+    kernel where it applies: each row's sum in one thread, in pair order)."""
+    if cpu_kernel.applies(q, d):
         norms = (inverse_norms(q), inverse_norms(d)) if normalize else (None, None)
         dq, dd = cpu_kernel.backward_varlen(
-            q, cu_q, d, cu_d, argmax, grad_scores, *norms, need_dq=need_dq, need_dd=need_dd
+            q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores, *norms, need_dq=need_dq, need_dd=need_dd
         )
         return _from_normalized(q, dq, normalize), _from_normalized(d, dd, normalize)
     if q_ids is None:
