@@ -514,6 +514,37 @@ static int64_t pair_of(const Pairs *pairs, int documents, int64_t owner, int64_t
     return e;
 }
 
+/* The gradient rows of one item, summed over its pairs and then query tokens in order: query (p, qi)
+ * (documents 0: its dq rows gather the documents' winning rows) or document (p, n) (documents 1: its dd rows
+ * gather the query rows that won them), into out (dq or dd, [rows, D]); winners, weights as gradients says. */
+static AVX2_F16C void item_gradient(const Side *qs, const Side *ds, const Pairs *pairs, int documents, int dtype,
+                                    const int32_t *winners, const float *weights, int64_t owner, int64_t D,
+                                    float *tmp, float *out)
+{
+    const int64_t N = documents ? ds->N : qs->N, M = documents ? qs->N : ds->N, Lq = qs->L, Ld = ds->L;
+    const int64_t p = owner / N, mine = owner % N;
+    const int64_t *first = documents ? pairs->d_first : pairs->q_first;
+    const int64_t count = pairs->q_ids == NULL ? M : first[owner + 1] - first[owner];
+    for (int64_t k = 0; k < count; k++) {
+        int64_t other;
+        const int64_t e = pair_of(pairs, documents, owner, k, N, M, &other);
+        const int64_t qi = documents ? other : mine, n = documents ? mine : other;
+        const int32_t *won = winners + e * Lq;
+        for (int64_t i = 0; i < Lq; i++) {
+            int64_t q_offset = 0, d_offset = 0;
+            if (won[i] < 0 || won[i] >= Ld)
+                continue;
+            const int64_t q_row = side_row(qs, p, qi, i, &q_offset), d_row = side_row(ds, p, n, won[i], &d_offset);
+            if (q_row < 0 || d_row < 0)
+                continue;
+            if (documents)
+                add_row(qs, dtype, q_row, q_offset, D, weights[e], tmp, out + d_row * D);
+            else
+                add_row(ds, dtype, d_row, d_offset, D, weights[e], tmp, out + q_row * D);
+        }
+    }
+}
+
 /* gradients((q, q_stride[4], q_start, q_tokens, q_inverse), (d, d_stride[4], d_start, d_tokens, d_inverse),
  *           dtype, argmax, grad, (q_ids, d_ids, q_order, q_first, d_order, d_first), P, Qn, Dn, Lq, Ld, D, dq, dd,
  *           threads)
@@ -562,43 +593,14 @@ static PyObject *gradients(PyObject *self, PyObject *args)
         float *tmp = malloc(sizeof(float) * (D + 1));
         if (tmp == NULL)
             failed = 1;
-        if (dq_rows != NULL) {
+        for (int documents = 0; documents < 2; documents++) { /* dq over queries, then dd over documents */
+            float *out = documents ? dd_rows : dq_rows;
+            if (out == NULL)
+                continue;
 #pragma omp for schedule(static)
-            for (int64_t owner = 0; owner < P * Qn; owner++) { /* query (p, qi): its rows, over its pairs in order */
-                const int64_t p = owner / Qn, qi = owner % Qn;
-                const int64_t count = listed ? pairs.q_first[owner + 1] - pairs.q_first[owner] : Dn;
-                for (int64_t k = 0; k < count && tmp != NULL; k++) {
-                    int64_t n;
-                    const int64_t e = pair_of(&pairs, 0, owner, k, Qn, Dn, &n);
-                    const int32_t *won = winners + e * Lq;
-                    for (int64_t i = 0; i < Lq; i++) {
-                        int64_t q_offset, d_offset;
-                        const int64_t q_row = won[i] < 0 || won[i] >= Ld ? -1 : side_row(&qs, p, qi, i, &q_offset);
-                        const int64_t d_row = q_row < 0 ? -1 : side_row(&ds, p, n, won[i], &d_offset);
-                        if (d_row >= 0)
-                            add_row(&ds, dtype, d_row, d_offset, D, weights[e], tmp, dq_rows + q_row * D);
-                    }
-                }
-            }
-        }
-        if (dd_rows != NULL) {
-#pragma omp for schedule(static)
-            for (int64_t owner = 0; owner < P * Dn; owner++) { /* document (p, n): over its pairs, then (i), in order */
-                const int64_t p = owner / Dn, n = owner % Dn;
-                const int64_t count = listed ? pairs.d_first[owner + 1] - pairs.d_first[owner] : Qn;
-                for (int64_t k = 0; k < count && tmp != NULL; k++) {
-                    int64_t qi;
-                    const int64_t e = pair_of(&pairs, 1, owner, k, Dn, Qn, &qi);
-                    const int32_t *won = winners + e * Lq;
-                    for (int64_t i = 0; i < Lq; i++) {
-                        int64_t q_offset, d_offset;
-                        const int64_t d_row = won[i] < 0 || won[i] >= Ld ? -1 : side_row(&ds, p, n, won[i], &d_offset);
-                        const int64_t q_row = d_row < 0 ? -1 : side_row(&qs, p, qi, i, &q_offset);
-                        if (q_row >= 0)
-                            add_row(&qs, dtype, q_row, q_offset, D, weights[e], tmp, dd_rows + d_row * D);
-                    }
-                }
-            }
+            for (int64_t owner = 0; owner < P * (documents ? Dn : Qn); owner++)
+                if (tmp != NULL)
+                    item_gradient(&qs, &ds, &pairs, documents, dtype, winners, weights, owner, D, tmp, out);
         }
         free(tmp);
     }
