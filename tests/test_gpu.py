@@ -389,9 +389,11 @@ def test_backward_kernels_against_reference(dtype, normalize):
 
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW], ids=dtype_id)
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
-def test_varlen_backward_kernels_against_reference(dtype, normalize):
-    """All pairs of packed sequences (1 to 40 query tokens, 1 to 300 document tokens): Triton gradients
-    against the reference's float64 autograd routed by our argmax, bitwise equal over two runs."""
+@pytest.mark.parametrize("listed", [False, True], ids=["all-pairs", "listed-pairs"])
+def test_varlen_backward_against_reference(dtype, normalize, listed):
+    """Packed sequences (1 to 40 query tokens, 1 to 300 document tokens), all pairs (Triton kernels) or 60
+    listed pairs with repeats (the torch backend's sorted accumulation): gradients against the reference's
+    float64 autograd routed by our argmax, bitwise equal over two runs."""
     gen = torch.Generator(CUDA).manual_seed(61)
     q_len = torch.randint(1, 41, (6,), device=CUDA, generator=gen)
     d_len = torch.randint(1, 301, (7,), device=CUDA, generator=gen)
@@ -399,22 +401,39 @@ def test_varlen_backward_kernels_against_reference(dtype, normalize):
     cu_d = torch.cat([d_len.new_zeros(1), d_len.cumsum(0)])
     q = tokens((int(cu_q[-1]), 136), dtype, 62)
     d = tokens((int(cu_d[-1]), 136), dtype, 63)
-    weights = torch.rand(6, 7, device=CUDA, generator=gen)
+    if listed:
+        q_ids = torch.randint(0, 6, (60,), device=CUDA, generator=gen)
+        d_ids = torch.randint(0, 7, (60,), device=CUDA, generator=gen)
+        weights = torch.rand(60, device=CUDA, generator=gen)
+    else:
+        q_ids, d_ids = (
+            i.reshape(-1)
+            for i in torch.meshgrid(torch.arange(6, device=CUDA), torch.arange(7, device=CUDA), indexing="ij")
+        )
+        weights = torch.rand(6, 7, device=CUDA, generator=gen)
     runs = []
     for _ in range(2):
         qq, dd = q.clone().requires_grad_(True), d.clone().requires_grad_(True)
-        scores, argmax = maxsim.maxsim_varlen(qq, cu_q, dd, cu_d, normalize=normalize, return_argmax=True)
+        scores, argmax = maxsim.maxsim_varlen(
+            qq,
+            cu_q,
+            dd,
+            cu_d,
+            pairs=(q_ids, d_ids) if listed else None,
+            normalize=normalize,
+            return_argmax=True,
+        )
         (scores * weights).sum().backward()
-        runs.append((qq.grad, dd.grad, argmax))
+        runs.append((qq.grad, dd.grad, argmax.reshape(60 if listed else 42, -1)))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]), "not deterministic"
     qr, dr = q.double().requires_grad_(True), d.double().requires_grad_(True)
     qn, dn = (torch.nn.functional.normalize(t, dim=-1) for t in (qr, dr)) if normalize else (qr, dr)
-    argmax = runs[0][2].long()  # [6, 7, max_lq], -1 past a query
+    argmax = runs[0][2].long()  # [pairs, max_lq], -1 past a query
     real = argmax >= 0
     i = torch.arange(argmax.shape[-1], device=CUDA)
-    q_rows = (cu_q[:-1, None, None] + i).expand_as(argmax)[real]
-    d_rows = (cu_d[:-1][None, :, None] + argmax)[real]
-    weight = weights.double()[:, :, None].expand(argmax.shape)[real]
+    q_rows = (cu_q[q_ids][:, None] + i).expand_as(argmax)[real]
+    d_rows = (cu_d[d_ids][:, None] + argmax)[real]
+    weight = weights.double().reshape(-1, 1).expand(argmax.shape)[real]
     ((qn[q_rows] * dn[d_rows]).sum(-1) * weight).sum().backward()
     _assert_grads_match(runs[0][:2], (qr.grad, dr.grad), dtype)
 

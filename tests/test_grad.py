@@ -191,3 +191,47 @@ def test_undefined_score_gradient_gives_none():
         q.grad = d.grad = None
         (NoGradient.apply(scores).sum() + q.sum()).backward()
         assert torch.equal(q.grad, torch.ones_like(q)) and d.grad is None
+
+
+def _sum_in_order(rows: torch.Tensor, values: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """``out[rows[k]] += values[k]`` for k = 0, 1, ... one after another in float32: the order the torch
+    backend's backward promises for each gradient row."""
+    out = torch.zeros(n_rows, values.shape[-1])
+    for row, value in zip(rows.tolist(), values, strict=True):
+        out[row] = out[row] + value
+    return out
+
+
+def test_torch_backward_adds_each_row_in_order(monkeypatch):
+    """The torch backend's backward (no CPU kernel) sums a token's many contributions one after another in
+    entry order: bitwise a sequential float32 sum on any thread count. The padded shape (256 x 4 x 32 x 128
+    values onto 16 document tokens) is large enough for ``index_put_``'s threaded atomic add, which the
+    backend used before and which fails this on two threads."""
+    monkeypatch.setenv("MAXSIM_CPU_KERNEL", "0")
+    from maxsim.backends import torch_backend
+
+    g = torch.Generator().manual_seed(71)
+    P, Qn, Dn, Lq, Ld, D = 1, 256, 4, 32, 4, 128
+    q, d = torch.randn(P, Qn, Lq, D, generator=g), torch.randn(P, Dn, Ld, D, generator=g)
+    argmax = torch.randint(-1, Ld, (P, Qn, Dn, Lq), generator=g, dtype=torch.int32)
+    weights = torch.rand(P, Qn, Dn, generator=g)
+    _, dd = torch_backend.backward_padded(q, d, argmax, weights, normalize=False)
+    real = argmax >= 0
+    rows = ((torch.arange(P)[:, None, None, None] * Dn + torch.arange(Dn)[:, None]) * Ld + argmax)[real]
+    values = (weights[..., None, None] * q[:, :, None])[real]  # entries in [P, Qn, Dn, Lq] order
+    assert torch.equal(dd.reshape(-1, D), _sum_in_order(rows, values, P * Dn * Ld))
+
+    # listed pairs of packed sequences, pairs repeated: rows of q and d in (pair, query token) order
+    cu_q, cu_d = torch.arange(0, 6 * Lq + 1, Lq), torch.arange(0, 5 * Ld + 1, Ld)
+    q, d = torch.randn(6 * Lq, D, generator=g), torch.randn(5 * Ld, D, generator=g)
+    q_ids, d_ids = torch.randint(0, 6, (400,), generator=g), torch.randint(0, 5, (400,), generator=g)
+    argmax = torch.randint(0, Ld, (400, Lq), generator=g, dtype=torch.int32)
+    weights = torch.rand(400, generator=g)
+    dq, dd = torch_backend.backward_varlen(
+        q, cu_q, d, cu_d, q_ids, d_ids, argmax, weights, normalize=False, need_dq=True, need_dd=True
+    )
+    q_rows = (cu_q[q_ids][:, None] + torch.arange(Lq)).reshape(-1)
+    d_rows = (cu_d[d_ids][:, None] + argmax).reshape(-1)
+    w = weights[:, None].expand(-1, Lq).reshape(-1, 1)
+    assert torch.equal(dq, _sum_in_order(q_rows, w * d[d_rows], q.shape[0]))
+    assert torch.equal(dd, _sum_in_order(d_rows, w * q[q_rows], d.shape[0]))

@@ -97,6 +97,18 @@ def _ranges(total: int, step: int):
         yield start, min(start + step, total)
 
 
+def _add_rows(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """``out[rows] += values`` for ``out [R, D]``, ``rows`` int64 ``[n]`` (repeats allowed), ``values [n, D]``,
+    repeated rows summed in one fixed order (bitwise the same every run): on CUDA by ``index_put_`` with
+    ``accumulate`` (sorts the rows, then one warp adds each row's values; ``index_add_`` there uses atomics),
+    elsewhere by ``index_add_`` (the CPU adds the values one after another; ``index_put_`` there uses atomics
+    for large float32 inputs)."""
+    if out.is_cuda:
+        out.index_put_((rows,), values, accumulate=True)
+    else:
+        out.index_add_(0, rows, values)
+
+
 def _similarities(d_block: torch.Tensor, q_columns: torch.Tensor) -> torch.Tensor:
     """``d_block [p, M, D]`` times ``q_columns [p, D, N]`` (contiguous): ``[p, M, N]``.
 
@@ -237,7 +249,7 @@ def backward_padded(
         groups = torch.arange(p1 - p0, device=q.device)[:, None, None, None]
         for d0, d1 in _ranges(Dn, chunk["d"]):
             d_block = _prepare(d[p0:p1, d0:d1], normalize)  # [p, d, Ld, D]
-            dd_block = torch.zeros_like(d_block) if need_dd else None
+            dd_block = torch.zeros(d_block.shape, dtype=dtype, device=q.device) if need_dd else None
             docs = torch.arange(d1 - d0, device=q.device)[None, None, :, None]
             for q0, q1 in _ranges(Qn, chunk["q"]):
                 winner = argmax[p0:p1, q0:q1, d0:d1].long()  # [p, q, d, Lq]
@@ -249,8 +261,8 @@ def backward_padded(
                     dq_normalized[p0:p1, q0:q1] += torch.where(real, weight * won, 0.0).sum(dim=2)
                 if need_dd:
                     q_block = _prepare(q[p0:p1, q0:q1], normalize)[:, :, None]  # [p, q, 1, Lq, D]
-                    index = (groups.expand_as(winner), docs.expand_as(winner), winner)
-                    dd_block.index_put_(index, torch.where(real, weight * q_block, 0.0), accumulate=True)
+                    rows = ((groups * (d1 - d0) + docs) * Ld + winner).reshape(-1)
+                    _add_rows(dd_block.view(-1, D), rows, torch.where(real, weight * q_block, 0.0).reshape(-1, D))
             if need_dd:
                 if normalize:
                     dd_block = normalize_backward(d[p0:p1, d0:d1], dd_block)
@@ -407,8 +419,8 @@ def _from_normalized(x: torch.Tensor, grad: torch.Tensor | None, normalize: bool
 
 
 def backward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores, *, normalize, need_dq, need_dd):
-    """Gradients of ``forward_varlen``'s scores from its argmax, accumulated over blocks of pairs (on the CPU
-    kernel where it applies: each row's sum in one thread, in pair order)."""
+    """Gradients of ``forward_varlen``'s scores from its argmax, deterministic: each row's sum in pair order,
+    on the CPU kernel where it applies (one thread per row), else over blocks of pairs by ``_add_rows``."""
     if cpu_kernel.applies(q, d):
         norms = (inverse_norms(q), inverse_norms(d)) if normalize else (None, None)
         dq, dd = cpu_kernel.backward_varlen(
@@ -433,9 +445,9 @@ def backward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores, *, norm
         d_token = (cu_d[d_ids[p0:p1]].long()[:, None] + winner)[real]
         weight = grad_scores[p0:p1, None].expand_as(winner)[real][:, None]
         if need_dq:
-            dq.index_add_(0, q_token, weight * _prepare(d[d_token], normalize))
+            _add_rows(dq, q_token, weight * _prepare(d[d_token], normalize))
         if need_dd:
-            dd.index_add_(0, d_token, weight * _prepare(q[q_token], normalize))
+            _add_rows(dd, d_token, weight * _prepare(q[q_token], normalize))
     return _from_normalized(q, dq, normalize), _from_normalized(d, dd, normalize)
 
 
