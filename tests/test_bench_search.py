@@ -13,8 +13,9 @@ from maxsim.bench import search as bench_search
 def test_search_workloads_smoke(tmp_path):
     out = tmp_path / "search.json"
     result = bench_search.main(
-        ["--docs", "120", "--queries", "4", "--repeats", "1", "--quick", "--encoder-docs", "0", "--json", str(out)]
-    )
+        ["--docs", "120", "--queries", "4", "--recall-queries", "12", "--repeats", "1", "--quick", "--encoder-docs",
+         "0", "--json", str(out)]
+    )  # fmt: skip
     assert json.loads(out.read_text())["schema"] == "maxsim-bench-search/1"
     rows = {(r["provider"], r["queries"]): r for r in result["results"]}
     assert set(rows) == {(p, n) for p in ("topk", "index-float16", "index-float8_e4m3fn", "index-int8",
@@ -22,7 +23,28 @@ def test_search_workloads_smoke(tmp_path):
     for key in [("topk", 4), ("index-float16", 4), ("naive-chunked", 4)]:
         assert rows[key]["recall_at_10"] == 1.0, key  # exact providers give the exact answer
     assert rows[("index-int8", 4)]["bytes_per_token"] < rows[("index-float16", 4)]["bytes_per_token"] / 1.9
-    assert all(b["pass"] is None for b in result["bars"]), "bars are only read at full size on a GPU"
+    recall = result["recall"]  # the quantized indexes over 12 queries, the 4 timed ones among them
+    assert recall["queries"] == 12 and set(recall["recall_at_10"]) == {"float8_e4m3fn", "int8"}
+    for name, r in recall["recall_at_10"].items():
+        assert 0.9 <= r <= 1.0 and recall["stderr"][name] == pytest.approx((r * (1 - r) / 120) ** 0.5)
+    recall_bars = [b for b in result["bars"] if "recall" in b["bar"]]
+    assert [b["measured"] for b in recall_bars] == list(recall["recall_at_10"].values())
+    assert all(b["pass"] is None for b in result["bars"]), "bars are only read at full size"
+
+
+def test_recall_bars_read_at_full_size_on_any_device():
+    """Times are read on a GPU at full size; recall (device-independent) at full size on any device."""
+    rows = [
+        {"provider": p, "queries": n, "ms": 1.0, "x_flop_floor": 1.0, "x_bytes_floor": 1.0}
+        for p in ("topk", "index-float16", "index-float8_e4m3fn", "index-int8")
+        for n in (32, 1)
+    ]
+    recall = {"queries": 256, "recall_at_10": {"float8_e4m3fn": 0.985, "int8": 0.995}}
+    bars = bench_search.evaluate_bars(rows, recall, timed_at_full_size=False, recall_at_full_size=True)
+    verdicts = {b["bar"]: b["pass"] for b in bars}
+    assert verdicts["index-float8_e4m3fn: recall@10 (256 queries)"] is False
+    assert verdicts["index-int8: recall@10 (256 queries)"] is True
+    assert {v for k, v in verdicts.items() if "recall" not in k} == {None}
 
 
 def test_cli_runs_it(capsys):
