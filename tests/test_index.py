@@ -147,10 +147,9 @@ def test_many_small_adds_grow_storage_ahead(dtype):
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8], ids=dtype_id)
 def test_quantized_recall_on_clustered_tokens(dtype):
     """recall@10 of a quantized index against the exact float16 one. Issue 6's bar (>= 0.99) is for its
-    100k-document corpus; on this 1,500-document sample (320 query-document hits) e4m3 measured 0.975 (with
-    the absmax scale and with the refit one alike) and int8 0.994 (0.994 both at 2,000 documents), so the
-    check here is a regression floor, not the bar."""
-    docs, queries = clustered_corpus(1500, 32)
+    100k-document corpus; on this 1,500-document sample with 160 queries (1,600 answers) e4m3 measured 0.981
+    and int8 0.996, so the check here is a regression floor, not the bar."""
+    docs, queries = clustered_corpus(1500, 160)
     exact, quant = maxsim.Index(128, torch.float16), maxsim.Index(128, dtype)
     exact.add(docs)
     quant.add(docs)
@@ -159,19 +158,30 @@ def test_quantized_recall_on_clustered_tokens(dtype):
     recall = (
         sum(len(set(a) & set(b)) for a, b in zip(want.tolist(), got.tolist(), strict=True)) / want.numel()
     )
-    assert recall >= 0.97, f"recall@10 {recall:.3f}"
+    assert recall >= 0.975, f"recall@10 {recall:.3f}"
     memory = quant.memory()
     assert memory["tokens"] == quant.tokens.shape[0] * 128 and memory["scales"] == quant.tokens.shape[0] * 4
 
 
-def test_e4m3_error_is_orthogonal_to_the_token():
-    """The refit e4m3 scale: <x, codes * scale> = |x|^2 (to float32 rounding), the codes those of absmax."""
+def test_e4m3_scale_search():
+    """e4m3: each token's codes are those of one of the 8 scales within an octave above absmax, the best
+    of them, refit so that <x, codes * scale> = |x|^2 (to float32 rounding); least error of all 8 tries."""
     x = torch.nn.functional.normalize(torch.randn(64, 128), dim=-1)
     stored, scales = quantize(x, torch.float8_e4m3fn)
-    absmax = x.abs().amax(dim=1, keepdim=True) / 448
-    assert torch.equal(stored.view(torch.uint8), (x / absmax).to(torch.float8_e4m3fn).view(torch.uint8))
     err = dequantize(stored, scales, torch.float32) - x
     assert bool(((err * x).sum(1).abs() <= 1e-6).all())
+    absmax = x.abs().amax(dim=1, keepdim=True) / 448
+    tries = [(x / (absmax * 2.0 ** (k / 8))).to(torch.float8_e4m3fn) for k in range(8)]
+    bits = torch.stack([t.view(torch.uint8) for t in tries])  # [8, T, D]
+    chosen = (bits == stored.view(torch.uint8)).all(dim=2)  # [8, T]: which tries gave the stored codes
+    assert bool(chosen.any(dim=0).all())
+    errors = []
+    for t in tries:
+        c = t.float()
+        refit = (x * x).sum(1, keepdim=True) / (x * c).sum(1, keepdim=True)
+        errors.append((c * refit - x).square().sum(1))
+    assert bool((err.square().sum(1) <= torch.stack(errors).amin(0) * (1 + 1e-5)).all())
+    assert err.square().sum(1).mean() < 0.95 * errors[0].mean()  # better than the absmax codes alone
     zero_stored, zero_scales = quantize(torch.zeros(2, 8), torch.float8_e4m3fn)
     assert bool((zero_stored.float() == 0).all()) and zero_scales.tolist() == [1.0, 1.0]
 
