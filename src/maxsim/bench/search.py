@@ -30,6 +30,7 @@ import time
 import torch
 
 import maxsim
+from maxsim.index import QUANT_MAX
 from maxsim.search import merge_topk
 
 from . import runner, system
@@ -122,20 +123,6 @@ def _batched_ids(search, queries: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat([search(queries[i : i + batch])[1] for i in range(0, queries.shape[0], batch)])
 
 
-def quantized_recall(indexes: dict, tokens, cu, queries: torch.Tensor, batch: int) -> dict:
-    """recall@10 of each quantized index against the exact float16 answer over all ``queries`` (more than
-    one timed batch: 32 queries hold only 320 answers, a standard error near 0.006 at recall 0.99), with
-    its binomial standard error."""
-    exact = _batched_ids(lambda q: maxsim.topk(q, tokens, K, cu_seqlens_d=cu), queries, batch)
-    recall, stderr = {}, {}
-    for name, index in indexes.items():
-        if index.dtype in (torch.float16, torch.bfloat16):
-            continue
-        r = _recall(_batched_ids(lambda q, index=index: index.search(q, K), queries, batch), exact)
-        recall[name], stderr[name] = r, (r * (1 - r) / exact.numel()) ** 0.5
-    return {"queries": queries.shape[0], "recall_at_10": recall, "stderr": stderr}
-
-
 def run(
     n_docs: int,
     n_queries: int,
@@ -145,43 +132,50 @@ def run(
     lengths_range: tuple = LENGTHS,
     recall_queries: int = 256,
 ) -> dict:
-    """Build the corpus, check every provider's top-10, time them on the first ``n_queries`` queries, and
-    measure the quantized indexes' recall over ``max(n_queries, recall_queries)``; the results dict
-    (JSON-ready)."""
-    tokens, cu, queries = clustered_corpus(
+    """Build the corpus, check every provider's top-10 and time it on the first ``n_queries`` queries, and
+    measure the quantized indexes' recall@10 against the exact float16 answer over ``max(n_queries,
+    recall_queries)`` queries (32 queries hold only 320 answers: a standard error near 0.006 at recall 0.99),
+    with its binomial standard error; the results dict (JSON-ready). One index exists at a time (the 100k
+    corpus is 5.5 GB in float16)."""
+    tokens, cu, recall_set = clustered_corpus(
         n_docs, max(n_queries, recall_queries), device, lengths_range=lengths_range
     )
-    recall_set, queries = queries, queries[:n_queries]
+    queries = recall_set[:n_queries]
     ceil = runner.ceilings(device, quick=quick)
     total = tokens.shape[0]
-    indexes = {}
-    for dtype in STORAGE:
-        index = maxsim.Index(DIM, dtype, device=device)
-        index.add((tokens, cu))
-        indexes[str(dtype).removeprefix("torch.")] = index
-    providers = {"topk": lambda q: maxsim.topk(q, tokens, K, cu_seqlens_d=cu)}
-    for name, index in indexes.items():
-        providers[f"index-{name}"] = lambda q, index=index: index.search(q, K)
-    providers["naive-chunked"] = lambda q: naive_chunked_topk(q, tokens, cu, K)
-    _, exact = maxsim.topk(queries, tokens, K, cu_seqlens_d=cu)
-    rows = []
-    for nq in (n_queries, 1):
-        q = queries[:nq]
-        flops = 2 * nq * QUERY_TOKENS * total * DIM
-        flop_ms = flops / (ceil["matmul"]["tflops"] * 1e12) * 1e3
-        bytes_ms = total * DIM * 2 / (ceil["copy"]["gbps"] * 1e9) * 1e3
-        for name, fn in providers.items():
-            _, ids = fn(q)
-            ms = _time(lambda fn=fn, q=q: fn(q), device, repeats)
-            memory = indexes[name.removeprefix("index-")].memory() if name.startswith("index-") else None
+    flop_ms = {nq: 2 * nq * QUERY_TOKENS * total * DIM / (ceil["matmul"]["tflops"] * 1e12) * 1e3 for nq in (n_queries, 1)}
+    bytes_ms = total * DIM * 2 / (ceil["copy"]["gbps"] * 1e9) * 1e3
+
+    def exact_search(q):
+        return maxsim.topk(q, tokens, K, cu_seqlens_d=cu)
+
+    exact = _batched_ids(exact_search, recall_set, n_queries)
+    rows, recall = [], {"queries": recall_set.shape[0], "recall_at_10": {}, "stderr": {}}
+
+    def measure(name: str, search, memory: dict | None = None) -> None:
+        for nq in (n_queries, 1):
+            q = queries[:nq]
+            _, ids = search(q)
+            ms = _time(lambda q=q: search(q), device, repeats)
             rows.append({
                 "provider": name, "queries": nq, "ms": ms, "queries_per_s": nq / (ms * 1e-3),
                 "recall_at_10": _recall(ids, exact[:nq]),
                 "bytes_per_token": None if memory is None else memory["bytes_per_token"],
-                "flop_floor_ms": flop_ms, "bytes_floor_ms": bytes_ms,
-                "x_flop_floor": ms / flop_ms, "x_bytes_floor": ms / bytes_ms,
+                "flop_floor_ms": flop_ms[nq], "bytes_floor_ms": bytes_ms,
+                "x_flop_floor": ms / flop_ms[nq], "x_bytes_floor": ms / bytes_ms,
             })  # fmt: skip
-    recall = quantized_recall(indexes, tokens, cu, recall_set, n_queries)
+
+    measure("topk", exact_search)
+    for dtype in STORAGE:
+        name = str(dtype).removeprefix("torch.")
+        index = maxsim.Index(DIM, dtype, device=device)
+        index.add((tokens, cu))
+        measure(f"index-{name}", lambda q, index=index: index.search(q, K), index.memory())
+        if dtype in QUANT_MAX:
+            r = _recall(_batched_ids(lambda q, index=index: index.search(q, K), recall_set, n_queries), exact)
+            recall["recall_at_10"][name], recall["stderr"][name] = r, (r * (1 - r) / exact.numel()) ** 0.5
+        del index
+    measure("naive-chunked", lambda q: naive_chunked_topk(q, tokens, cu, K))
     read_at_full_size = n_docs >= FULL_DOCS and tuple(lengths_range) == LENGTHS
     return {
         "schema": "maxsim-bench-search/1",
