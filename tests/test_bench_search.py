@@ -26,7 +26,9 @@ def test_search_workloads_smoke(tmp_path):
     recall = result["recall"]  # the quantized indexes over 12 queries, the 4 timed ones among them
     assert recall["queries"] == 12 and set(recall["recall_at_10"]) == {"float8_e4m3fn", "int8"}
     for name, r in recall["recall_at_10"].items():
-        assert 0.9 <= r <= 1.0 and recall["stderr"][name] == pytest.approx((r * (1 - r) / 120) ** 0.5)
+        # per-query recalls lie in [0, 1] with mean r: their spread is at most sqrt(r (1 - r)), zero when r = 1
+        assert 0.9 <= r <= 1.0 and (recall["stderr"][name] > 0) == (r < 1.0)
+        assert recall["stderr"][name] <= (r * (1 - r) / 12) ** 0.5 + 1e-12
     recall_bars = [b for b in result["bars"] if "recall" in b["bar"]]
     assert [b["measured"] for b in recall_bars] == list(recall["recall_at_10"].values())
     assert all(b["pass"] is None for b in result["bars"]), "bars are only read at full size"

@@ -43,15 +43,18 @@ def _dtype_name(dtype: torch.dtype) -> str:
 E4M3_SCALE_TRIES = 8  # e4m3 scales tried per token, 2^(k/8) times the absmax one (see quantize)
 
 
-def _e4m3_codes(wide: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """e4m3 codes ``c`` of ``wide / scale`` (rounded to nearest), the scale refit to ``|x|^2 / <x, c>`` (the
-    error then orthogonal to ``x``; kept where that dot is not positive) and ``cos^2(x, c)``: the refit error
-    is ``|x|^2 (1 / cos^2 - 1)``, so of several tries the one of largest ``cos^2`` has the least."""
+def _e4m3_codes(
+    wide: torch.Tensor, norm2: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """e4m3 codes ``c`` of ``x / scale`` (``x = wide [T, D]`` float32, ``norm2 = |x|^2 [T]``; rounded to the
+    nearest), the scale refit to ``|x|^2 / <x, c>`` (the error then orthogonal to ``x``; kept where that dot
+    is not positive) and the fit ``<x, c>^2 / |c|^2 = |x|^2 cos^2(x, c)``: the refit error is
+    ``|x|^2 - fit``, so of several tries the one of largest fit has the least."""
     codes = (wide / scale[:, None]).to(torch.float8_e4m3fn)
     wide_codes = codes.float()
-    dot, norm2 = (wide * wide_codes).sum(1), wide_codes.square().sum(1)
-    scale = torch.where(dot > 0, wide.square().sum(1) / dot, scale)
-    return codes, scale, dot.clamp(min=0).square() / norm2.clamp(min=1e-30)
+    dot = (wide * wide_codes).sum(1)
+    scale = torch.where(dot > 0, norm2 / dot, scale)
+    return codes, scale, dot.clamp(min=0).square() / wide_codes.square().sum(1).clamp(min=1e-30)
 
 
 def quantize(tokens: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -79,9 +82,10 @@ def quantize(tokens: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
         if dtype == torch.int8:
             codes, scale = (wide / absmax[:, None]).round().clamp_(-127, 127).to(torch.int8), absmax
         else:
-            codes, scale, fit = _e4m3_codes(wide, absmax)
+            norm2 = wide.square().sum(1)
+            codes, scale, fit = _e4m3_codes(wide, norm2, absmax)
             for k in range(1, E4M3_SCALE_TRIES):
-                codes_k, scale_k, fit_k = _e4m3_codes(wide, absmax * 2.0 ** (k / E4M3_SCALE_TRIES))
+                codes_k, scale_k, fit_k = _e4m3_codes(wide, norm2, absmax * 2.0 ** (k / E4M3_SCALE_TRIES))
                 better = fit_k > fit  # select bytes: torch.where need not take float8 on every device
                 codes = torch.where(better[:, None], codes_k.view(torch.uint8), codes.view(torch.uint8))
                 codes = codes.view(torch.float8_e4m3fn)

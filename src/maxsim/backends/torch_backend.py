@@ -98,15 +98,16 @@ def _ranges(total: int, step: int):
 
 
 def _add_rows(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
-    """``out[rows] += values`` for ``out [R, D]``, ``rows`` int64 ``[n]`` (repeats allowed), ``values [n, D]``,
-    repeated rows summed in one fixed order (bitwise the same every run): on CUDA by ``index_put_`` with
-    ``accumulate`` (sorts the rows, then one warp adds each row's values; ``index_add_`` there uses atomics),
-    elsewhere by ``index_add_`` (the CPU adds the values one after another; ``index_put_`` there uses atomics
-    for large float32 inputs)."""
-    if out.is_cuda:
-        out.index_put_((rows,), values, accumulate=True)
-    else:
+    """``out[rows] += values`` for ``out [R, D]``, ``rows`` int64 ``[n]`` (repeats allowed), ``values [n, D]``.
+
+    On the CPU and CUDA repeated rows are summed in one fixed order (bitwise the same every run): the CPU's
+    ``index_add_`` adds the values one after another (its ``index_put_`` uses threaded atomic adds for large
+    float32 inputs); CUDA's (and XPU's) ``index_put_`` with ``accumulate`` sorts the rows, then adds each row's
+    values in order (its ``index_add_`` uses atomics). MPS uses atomics for both: not deterministic there."""
+    if out.device.type == "cpu":
         out.index_add_(0, rows, values)
+    else:
+        out.index_put_((rows,), values, accumulate=True)
 
 
 def _similarities(d_block: torch.Tensor, q_columns: torch.Tensor) -> torch.Tensor:
