@@ -39,30 +39,27 @@ def status() -> str:
     return "on (float32, float16, bfloat16; int8 / float8 e4m3 Index storage)"
 
 
-def applies(q: torch.Tensor, d: torch.Tensor) -> bool:
-    """Whether a call on ``q``, ``d`` can take the kernel: CPU tensors of one dtype it reads, ``d``'s
-    tokens contiguous."""
+def _reads(q: torch.Tensor, d: torch.Tensor) -> bool:
+    """CPU tensors, ``q`` of a dtype the kernel reads, ``d``'s tokens contiguous, the kernel on."""
     return (
         q.device.type == "cpu"
         and d.device.type == "cpu"
         and q.dtype in DTYPE_CODES
-        and d.dtype == q.dtype
         and d.stride(-1) == 1
         and available()
     )
+
+
+def applies(q: torch.Tensor, d: torch.Tensor) -> bool:
+    """Whether a call on ``q``, ``d`` can take the kernel: CPU tensors of one dtype it reads, ``d``'s
+    tokens contiguous."""
+    return d.dtype == q.dtype and _reads(q, d)
 
 
 def applies_scaled(q: torch.Tensor, d: torch.Tensor) -> bool:
     """Whether packed quantized documents ``d`` (int8 / float8_e4m3fn codes, per-token scales) and queries
     ``q`` can take the kernel: CPU tensors, ``q`` of a dtype it reads, ``d``'s tokens contiguous."""
-    return (
-        q.device.type == "cpu"
-        and d.device.type == "cpu"
-        and q.dtype in DTYPE_CODES
-        and d.dtype in CODE_DTYPES
-        and d.stride(-1) == 1
-        and available()
-    )
+    return d.dtype in CODE_DTYPES and _reads(q, d)
 
 
 _NO_MASK = (0, (0, 0, 0))

@@ -230,9 +230,10 @@ def backward_padded(
         ``(dq, dd)`` in the input dtype, shaped like ``q`` and ``d`` (None where not needed).
     """
     if cpu_kernel.applies(q, d):
-        norms = (inverse_norms(q), inverse_norms(d)) if normalize else (None, None)
-        dq, dd = cpu_kernel.backward_padded(q, d, argmax, grad_scores, *norms, need_dq=need_dq, need_dd=need_dd)
-        return _from_normalized(q, dq, normalize), _from_normalized(d, dd, normalize)
+        return _kernel_gradients(
+            q, d, normalize,
+            lambda *norms: cpu_kernel.backward_padded(q, d, argmax, grad_scores, *norms, need_dq=need_dq, need_dd=need_dd),
+        )  # fmt: skip
     P, Qn, Lq, D = q.shape
     Dn, Ld = d.shape[1], d.shape[2]
     dtype = _compute_dtype(q.dtype)
@@ -419,15 +420,24 @@ def _from_normalized(x: torch.Tensor, grad: torch.Tensor | None, normalize: bool
     return (normalize_backward(x, grad) if normalize else grad).to(x.dtype)
 
 
+def _kernel_gradients(q: torch.Tensor, d: torch.Tensor, normalize: bool, kernel_backward) -> tuple:
+    """``(dq, dd)`` in ``q``'s / ``d``'s dtype (None where not needed) from the CPU kernel's float32 gradients
+    ``kernel_backward(q_inv, d_inv)``, given the inverse norms of normalized tokens (None: raw tokens)."""
+    norms = (inverse_norms(q), inverse_norms(d)) if normalize else (None, None)
+    dq, dd = kernel_backward(*norms)
+    return _from_normalized(q, dq, normalize), _from_normalized(d, dd, normalize)
+
+
 def backward_varlen(q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores, *, normalize, need_dq, need_dd):
     """Gradients of ``forward_varlen``'s scores from its argmax, deterministic: each row's sum in pair order,
     on the CPU kernel where it applies (one thread per row), else over blocks of pairs by ``_add_rows``."""
     if cpu_kernel.applies(q, d):
-        norms = (inverse_norms(q), inverse_norms(d)) if normalize else (None, None)
-        dq, dd = cpu_kernel.backward_varlen(
-            q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores, *norms, need_dq=need_dq, need_dd=need_dd
-        )
-        return _from_normalized(q, dq, normalize), _from_normalized(d, dd, normalize)
+        return _kernel_gradients(
+            q, d, normalize,
+            lambda *norms: cpu_kernel.backward_varlen(
+                q, cu_q, d, cu_d, q_ids, d_ids, argmax, grad_scores, *norms, need_dq=need_dq, need_dd=need_dd
+            ),
+        )  # fmt: skip
     if q_ids is None:
         q_ids, d_ids = _pairs_grid(cu_q.shape[0] - 1, cu_d.shape[0] - 1, q.device)
         argmax = argmax.reshape(-1, argmax.shape[-1])
