@@ -25,6 +25,7 @@ import torch
 from maxsim.backends.triton import configs
 from maxsim.backends.triton.forward import maxsim_fwd
 from maxsim.backends.triton.varlen import maxsim_varlen_fwd
+from maxsim.index import quantize
 
 # class -> problems: (name, kind, sizes)
 PROBLEMS = {
@@ -38,6 +39,9 @@ PROBLEMS = {
     "mid": [("Mid", "padded", dict(P=1, Qn=1, Dn=2000, Lq=128, Ld=256, D=128))],
     "flops": [("ColPali", "padded", dict(P=1, Qn=1, Dn=1000, Lq=1024, Ld=1024, D=128))],
     "rerank-wide": [("Wide", "padded", dict(P=16, Qn=1, Dn=50, Lq=32, Ld=300, D=1024))],
+    # issue 6's search with int8 / e4m3 codes for queries and documents (run with --dtype float8_e4m3fn)
+    "rerank-q8": [("SearchOneQuery", "varlen", dict(Nd=100000, Lq=32, lo=128, hi=300, D=128))],
+    "packed-q8": [("Search32", "varlen", dict(Nd=20000, Nq=32, Lq=32, lo=128, hi=300, D=128))],
 }
 
 # the fields each class tunes, most promising first (the budget may stop the descent early)
@@ -63,14 +67,28 @@ CHOICES = {
 }
 CHOICES["mid"] = CHOICES["flops"]
 CHOICES["rerank-wide"] = CHOICES["rerank"]
+CHOICES["rerank-q8"] = {
+    "block_l": [64, 128, 256],
+    "num_stages": [2, 3, 4, 5],
+    "num_warps": [4, 8],
+    "lane_max": [True, False],
+    "block_q": [32, 64],
+}
+CHOICES["packed-q8"] = {
+    "block_l": [64, 128, 256],
+    "num_stages": [2, 3, 4, 5],
+    "num_warps": [4, 8],
+    "block_q": [128, 256],
+    "lane_max": [False, True],
+}
 
 
 def build(kind, sizes, dtype, device):
     g = torch.Generator(device=device).manual_seed(0)
 
-    def rnd(*shape):
+    def rnd(*shape):  # unit rows; float32 where codes are made of them
         x = torch.randn(shape, generator=g, device=device, dtype=torch.float32)
-        return torch.nn.functional.normalize(x, dim=-1).to(dtype)
+        return torch.nn.functional.normalize(x, dim=-1).to(torch.float32 if dtype.itemsize == 1 else dtype)
 
     if kind == "padded":
         s = sizes
@@ -81,14 +99,20 @@ def build(kind, sizes, dtype, device):
     lengths = torch.randint(s["lo"], s["hi"] + 1, (s["Nd"],), generator=torch.Generator().manual_seed(1))
     cu_d = torch.zeros(s["Nd"] + 1, dtype=torch.int32)
     cu_d[1:] = lengths.cumsum(0)
+    nq = s.get("Nq", 1)
     d = rnd(int(lengths.sum()), s["D"])
-    q = rnd(s["Lq"], s["D"])
-    cu_q = torch.tensor([0, s["Lq"]], dtype=torch.int32, device=device)
+    q = rnd(nq * s["Lq"], s["D"])
+    scales = {}
+    if dtype.itemsize == 1:  # codes of both sides, as Index.search on int8 / e4m3 storage
+        d, d_scales = quantize(d, dtype)
+        q, q_scales = quantize(q, dtype, scale_tries=1)
+        scales = dict(d_scales=d_scales, q_scales=q_scales)
+    cu_q = torch.arange(0, (nq + 1) * s["Lq"], s["Lq"], dtype=torch.int32, device=device)
     cu_d = cu_d.to(device)
     max_ld = int(lengths.max())
     return lambda cfg: maxsim_varlen_fwd(
         q, cu_q, d, cu_d, None, None, max_lq=s["Lq"], max_ld=max_ld, normalize=False, return_argmax=False,
-        config=cfg,
+        config=cfg, **scales,
     )  # fmt: skip
 
 

@@ -461,14 +461,16 @@ def test_topk_beyond_2_31_elements():
     assert index.search(q, 3)[1][:, 0].tolist() == planted
 
 
+@pytest.mark.parametrize("quantize_queries", [False, True], ids=["wide-queries", "quantized-queries"])
 @pytest.mark.parametrize("qdtype", [torch.int8, torch.float8_e4m3fn], ids=dtype_id)
 @pytest.mark.parametrize("dtype", LOW, ids=dtype_id)
-def test_quantized_index_fused(dtype, qdtype):
-    """Index.search on int8 / e4m3 storage runs the fused varlen kernel (codes widened in registers):
-    the reference's top-k over the dequantized tokens; exact scores and first-winner argmax on integer
-    codes with power-of-two scales; a NaN e4m3 code wins as the first NaN (the interpreter cannot show it)."""
+def test_quantized_index_fused(dtype, qdtype, quantize_queries):
+    """Index.search on int8 / e4m3 storage runs the fused varlen kernel (codes widened in registers, or
+    with quantized queries multiplied as codes on the int8 / float8 tensor cores): the reference's top-k over
+    the dequantized tokens; exact scores and first-winner argmax on integer codes with power-of-two scales;
+    a NaN e4m3 code wins as the first NaN (the interpreter cannot show it)."""
     from maxsim.backends.triton.varlen import maxsim_varlen_fwd
-    from maxsim.index import dequantize
+    from maxsim.index import dequantize, quantize
 
     g = torch.Generator(device=CUDA).manual_seed(71)
     lengths = torch.randint(100, 300, (200,), generator=g, device=CUDA)
@@ -476,11 +478,14 @@ def test_quantized_index_fused(dtype, qdtype):
     index = maxsim.Index(128, qdtype, device=CUDA)
     index.add((tokens((int(cu[-1]), 128), torch.float32, 72), cu))
     q = tokens((32, 32, 128), dtype, 73)
-    scores, ids = index.search(q, 10)
+    scores, ids = index.search(q, 10, quantize_queries=quantize_queries)
+    q_scored = q.double()
+    if quantize_queries:
+        q_scored = dequantize(*quantize(q.reshape(-1, 128), qdtype, scale_tries=1), torch.float64).view(q.shape)
     wide = dequantize(index.tokens, index.scales, torch.float64)
     padded = torch.nn.utils.rnn.pad_sequence(list(wide.split(lengths.tolist())), batch_first=True)
     d_mask = torch.arange(padded.shape[1], device=CUDA) < lengths[:, None]
-    full = maxsim_reference(q.double()[:, None], padded[None], d_mask=d_mask[None])[0]  # [32, 200]
+    full = maxsim_reference(q_scored[:, None], padded[None], d_mask=d_mask[None])[0]  # [32, 200]
     order = torch.sort(full, dim=1, descending=True, stable=True)
     assert torch.equal(ids, index.ids[order.indices[:, :10]])
     assert_scores_close(scores, order.values[:, :10], dtype=torch.float32)
@@ -489,16 +494,19 @@ def test_quantized_index_fused(dtype, qdtype):
     codes = codes.to(qdtype)
     scales = 2.0 ** torch.randint(-3, 2, (104,), device=CUDA).float()
     qi = torch.randint(-2, 3, (22, 24), device=CUDA).to(dtype)
+    q_kw, qi_scored = {}, qi.double()
+    if quantize_queries:
+        q_scales = 2.0 ** torch.randint(-2, 3, (22,), device=CUDA).float()
+        qi = qi.to(qdtype)
+        q_kw, qi_scored = dict(q_scales=q_scales), qi.double() * q_scales.double()[:, None]
     cu_q = torch.tensor([0, 2, 22], dtype=torch.int32, device=CUDA)
     cu_d = torch.tensor([0, 1, 71, 104], dtype=torch.int32, device=CUDA)
     for n_split in (None, 3):
         s, a = maxsim_varlen_fwd(
             qi, cu_q, codes, cu_d, None, None, max_lq=20, max_ld=70, normalize=False, return_argmax=True,
-            n_split=n_split, d_scales=scales,
+            n_split=n_split, d_scales=scales, **q_kw,
         )  # fmt: skip
-        ref, ref_a = maxsim_varlen_reference(
-            qi.double(), cu_q, codes.double() * scales.double()[:, None], cu_d
-        )
+        ref, ref_a = maxsim_varlen_reference(qi_scored, cu_q, codes.double() * scales.double()[:, None], cu_d)
         assert torch.equal(s.double().nan_to_num(7.5), ref.nan_to_num(7.5)) and torch.equal(a, ref_a)
         if qdtype == torch.float8_e4m3fn:
             assert bool(s[:, 1].isnan().all()) and bool((a[:, 1, :2] == 59).all())

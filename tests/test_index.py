@@ -80,6 +80,30 @@ def test_quantized_search_on_the_cpu_widens_nothing(dtype, monkeypatch):
     assert torch.equal(scores, expected[0]) and torch.equal(ids, expected[1])
 
 
+@pytest.mark.parametrize("cpu_kernel", ["kernel", "widened"])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8], ids=dtype_id)
+def test_quantized_queries_where_codes_are_not_multiplied(dtype, cpu_kernel, monkeypatch):
+    """On the CPU (no code-by-code dots) ``quantize_queries=True`` widens the query codes back: the search
+    equals one with those widened queries (``quantize(..., scale_tries=1)`` per token, a NaN token's scale
+    NaN); the default leaves the queries as they are here."""
+    if cpu_kernel == "widened":
+        monkeypatch.setenv("MAXSIM_CPU_KERNEL", "0")
+    index = maxsim.Index(16, dtype)
+    index.add(documents(30, 16, 5))
+    q = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(6)).half()
+    assert not torch_backend.dots_quantized(q, index.tokens)
+    widened = dequantize(*quantize(q.reshape(-1, 16), dtype, scale_tries=1), torch.float16).view(q.shape)
+    for got, want in (
+        (index.search(q, 7, quantize_queries=True), index.search(widened, 7, quantize_queries=False)),
+        (index.search(q, 7), index.search(q, 7, quantize_queries=False)),
+    ):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    x = torch.randn(4, 16)
+    x[1, 3], x[2, 0], x[3] = float("nan"), float("inf"), 0.0
+    codes, scales = quantize(x, dtype, scale_tries=1)
+    assert scales[1].isnan() and not scales[2].isfinite() and scales[3] == 1 and bool((codes[3].float() == 0).all())
+
+
 def test_equal_scores_come_out_by_lower_id_whatever_the_insertion_order():
     """Duplicated documents added with ids out of order (in two calls): ties by lower id, as topk's."""
     base = documents(6, 8, 7)
@@ -257,3 +281,7 @@ def test_bad_input():
         index.search(torch.randn(2, 8), 4)
     with pytest.raises(ValueError, match="q has dim 4"):
         index.search(torch.randn(2, 4), 1)
+    with pytest.raises(ValueError, match="quantize_queries needs int8 or float8_e4m3fn storage"):
+        index.search(torch.randn(2, 8), 1, quantize_queries=True)
+    with pytest.raises(TypeError, match="quantize_queries must be None, False or True"):
+        index.search(torch.randn(2, 8), 1, quantize_queries="yes")

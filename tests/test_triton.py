@@ -572,6 +572,8 @@ def test_config_table_is_deterministic():
     assert configs.shape_class(32, 128, torch.float16) == "rerank"
     assert configs.shape_class(1024, 128, torch.bfloat16) == "flops"
     assert configs.shape_class(100, 1024, torch.float32) == "mid-wide-f32"
+    assert configs.shape_class(32, 128, torch.int8) == "rerank-q8"
+    assert configs.shape_class(32, 128, torch.float8_e4m3fn, queries=32) == "packed-q8"
     for cfg in configs.TABLE.values():
         for block in (cfg.block_q, cfg.block_l, cfg.block_d):
             assert block >= 16 and block & (block - 1) == 0
@@ -642,40 +644,52 @@ def _dequantized(codes, scales):
     return codes.double() * scales.double()[:, None]
 
 
+@pytest.mark.parametrize("queries", ["wide", "quantized"])
 @pytest.mark.parametrize("qdtype", QUANT, ids=dtype_id)
 @pytest.mark.parametrize(("cfg", "n_split"), QUANT_CASES)
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
 @pytest.mark.parametrize("dim", [1, 130])
-def test_varlen_quantized_documents(dim, normalize, cfg, n_split, qdtype):
-    """Ragged queries and documents, odd D (one D chunk or several), all and listed pairs."""
+def test_varlen_quantized_documents(dim, normalize, cfg, n_split, qdtype, queries):
+    """Ragged queries and documents, odd D (one D chunk or several), all and listed pairs; the queries
+    16-bit (the codes widened) or quantized too (``q_scales``: the dots on the int8 / float8 codes)."""
     from maxsim.index import quantize
 
     g = torch.Generator().manual_seed(53 + dim)
     q, cu_q = ragged(g, [3, 33, 1], dim, torch.float16)
+    q[5] = 0  # a zero query token (scale 1, codes 0)
     d, cu_d = ragged(g, [1, 97, 40, 5, 18], dim, torch.float32, cu_dtype=torch.int64)
     codes, scales = quantize(d, qdtype)
     wide = _dequantized(codes, scales)
+    q_kw, q_wide = {}, q.double()
+    if queries == "quantized":
+        q, q_scales = quantize(q.float(), qdtype, scale_tries=1)
+        q_kw, q_wide = dict(q_scales=q_scales.to(DEVICE)), _dequantized(q, q_scales)
     for pairs in (None, (torch.tensor([0, 2, 1, 1]), torch.tensor([4, 0, 1, 3]))):
         pd = (None, None) if pairs is None else tuple(to_dev(*pairs))
         scores, argmax = maxsim_varlen_fwd(
             *to_dev(q, cu_q, codes, cu_d), *pd, max_lq=33, max_ld=97, normalize=normalize, return_argmax=True,
-            config=cfg, n_split=n_split, d_scales=scales.to(DEVICE),
+            config=cfg, n_split=n_split, d_scales=scales.to(DEVICE), **q_kw,
         )  # fmt: skip
-        ref, ref_argmax = maxsim_varlen_reference(
-            q.double(), cu_q, wide, cu_d, pairs=pairs, normalize=normalize
-        )
+        ref, ref_argmax = maxsim_varlen_reference(q_wide, cu_q, wide, cu_d, pairs=pairs, normalize=normalize)
         assert_scores_close(scores, ref, dtype=torch.float32)
         assert torch.equal(argmax.cpu() < 0, ref_argmax < 0)
 
 
+@pytest.mark.parametrize("queries", ["wide", "quantized"])
 @pytest.mark.parametrize("qdtype", QUANT, ids=dtype_id)
 @pytest.mark.parametrize(("cfg", "n_split"), QUANT_CASES)
-def test_varlen_quantized_ties_exact(cfg, n_split, qdtype):
-    """Integer codes with power-of-two scales: every product exact, so scores and argmax (the first of
-    many tied tokens) equal the reference's exactly. A NaN e4m3 code winning as the first NaN is checked on
-    a GPU only (test_gpu.py): the interpreter widens e4m3fn's NaN code 0x7F to 480."""
+def test_varlen_quantized_ties_exact(cfg, n_split, qdtype, queries):
+    """Integer codes with power-of-two scales (the queries' too, when quantized): every product exact, so
+    scores and argmax (the first of many tied tokens) equal the reference's exactly. A NaN e4m3 code winning
+    as the first NaN is checked on a GPU only (test_gpu.py): the interpreter widens e4m3fn's NaN code 0x7F
+    to 480."""
     g = torch.Generator().manual_seed(59)
     q = integer_tokens((22, 24), torch.float16, generator=g)
+    q_kw, q_wide = {}, q.double()
+    if queries == "quantized":
+        q_scales = 2.0 ** torch.randint(-2, 3, (22,), generator=g).float()
+        q = q.to(qdtype)
+        q_kw, q_wide = dict(q_scales=q_scales.to(DEVICE)), _dequantized(q, q_scales)
     codes = integer_tokens((104, 24), torch.float32, generator=g, low=-3, high=4)
     scales = 2.0 ** torch.randint(-3, 2, (104,), generator=g).float()
     scales[40:50] = 0.5  # a run of equal scales: duplicated tokens tie exactly
@@ -685,18 +699,20 @@ def test_varlen_quantized_ties_exact(cfg, n_split, qdtype):
     cu_d = torch.tensor([0, 1, 71, 104], dtype=torch.int32)
     scores, argmax = maxsim_varlen_fwd(
         *to_dev(q, cu_q, codes, cu_d), None, None, max_lq=20, max_ld=70, normalize=False, return_argmax=True,
-        config=cfg, n_split=n_split, d_scales=scales.to(DEVICE),
+        config=cfg, n_split=n_split, d_scales=scales.to(DEVICE), **q_kw,
     )  # fmt: skip
-    ref, ref_argmax = maxsim_varlen_reference(q.double(), cu_q, _dequantized(codes, scales), cu_d)
+    ref, ref_argmax = maxsim_varlen_reference(q_wide, cu_q, _dequantized(codes, scales), cu_d)
     assert torch.equal(scores.cpu().double(), ref)
     assert torch.equal(argmax.cpu(), ref_argmax)
 
 
+@pytest.mark.parametrize("quantize_queries", [False, None], ids=["wide-queries", "default"])
 @pytest.mark.parametrize("qdtype", QUANT, ids=dtype_id)
-def test_index_search_reads_quantized_tokens(qdtype, monkeypatch):
+def test_index_search_reads_quantized_tokens(qdtype, quantize_queries, monkeypatch):
     """Index.search on the Triton backend hands the stored codes and scales to the kernel (nothing widened
     into memory): the reference's top-k over the dequantized tokens, with query lengths and duplicated
-    documents (equal scores by lower id)."""
+    documents (equal scores by lower id). By default (the kernels take codes here) the queries are quantized
+    too: the reference then scores the dequantized query codes."""
     from maxsim import index as index_module
 
     widened = []
@@ -710,19 +726,25 @@ def test_index_search_reads_quantized_tokens(qdtype, monkeypatch):
     index.add(docs, ids=ids)
     q = random_tokens((3, 9, 40), torch.float16, generator=g)
     q_lengths = torch.tensor([9, 4, 1])
-    scores, got = index.search(q.to(DEVICE), 6, q_lengths=q_lengths.to(DEVICE), chunk=4)
+    scores, got = index.search(
+        q.to(DEVICE), 6, q_lengths=q_lengths.to(DEVICE), chunk=4, quantize_queries=quantize_queries
+    )
     assert not widened
+    assert triton_backend.dots_quantized(q.to(DEVICE), index.tokens)  # the interpreter, an sm_90 GPU
+    q_scored = q.double()
+    if quantize_queries is None:
+        q_scored = _dequantized(*index_module.quantize(q.reshape(-1, 40), qdtype, scale_tries=1)).view(q.shape)
     wide = _dequantized(index.tokens.cpu(), index.scales.cpu())
     cu = index.offsets.cpu()
     spans = list(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True))
     full = torch.tensor([
-        [maxsim_reference(q[i, :n].double(), wide[a:b])[0].item() for a, b in spans]
+        [maxsim_reference(q_scored[i, :n], wide[a:b])[0].item() for a, b in spans]
         for i, n in enumerate(q_lengths.tolist())
     ], dtype=torch.float64)  # fmt: skip
     order = torch.sort(full, dim=1, descending=True, stable=True)
     assert torch.equal(got.cpu(), ids[order.indices[:, :6]])
     assert_scores_close(scores, order.values[:, :6], dtype=torch.float32)
-    one_scores, one_ids = index.search(q[0].to(DEVICE), 6)
+    one_scores, one_ids = index.search(q[0].to(DEVICE), 6, quantize_queries=quantize_queries)
     assert torch.equal(one_ids, got[0]) and torch.equal(one_scores, scores[0])
 
 
@@ -746,3 +768,10 @@ def test_quantized_bad_input():
         maxsim_varlen_fwd(q.float(), cu_q, codes, cu_d, None, None, **kw, d_scales=scales)
     with pytest.raises(TypeError, match="d_scales must be a torch.Tensor"):
         maxsim_varlen_fwd(q, cu_q, codes, cu_d, None, None, **kw, d_scales=[1.0] * 7)
+    q_codes, q_scales = q.to(torch.int8), torch.ones(3, device=q.device)
+    with pytest.raises(TypeError, match="q with q_scales must have d's dtype int8"):
+        maxsim_varlen_fwd(q, cu_q, codes, cu_d, None, None, **kw, d_scales=scales, q_scales=q_scales)
+    with pytest.raises(ValueError, match=r"q_scales must be float32 \[3\]"):
+        maxsim_varlen_fwd(q_codes, cu_q, codes, cu_d, None, None, **kw, d_scales=scales, q_scales=q_scales[:2])
+    with pytest.raises(TypeError, match="only with quantized documents and d_scales"):
+        maxsim_varlen_fwd(q_codes, cu_q, codes, cu_d, None, None, **kw, q_scales=q_scales)

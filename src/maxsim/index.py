@@ -57,7 +57,9 @@ def _e4m3_codes(
     return codes, scale, dot.clamp(min=0).square() / wide_codes.square().sum(1).clamp(min=1e-30)
 
 
-def quantize(tokens: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+def quantize(
+    tokens: torch.Tensor, dtype: torch.dtype, *, scale_tries: int = E4M3_SCALE_TRIES
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``tokens [T, D]`` float as ``(stored [T, D] dtype, scales [T] float32 or None)``.
 
     int8: codes ``round(token / (max|token| / 127))``, the scale ``max|token| / 127``.
@@ -66,9 +68,12 @@ def quantize(tokens: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
     grid points depends on its scale. Each token tries ``E4M3_SCALE_TRIES`` scales spread over one octave
     above the absmax one (``max|token| / 448``, so nothing saturates), rounds to the nearest e4m3 and refits
     the scale to ``|x|^2 / <x, codes>``, which makes the error orthogonal to the token ``x`` (a query close to
-    a token, the similarities that decide a top-k, sees less of it); it keeps the try of least error. On
+    a token, the similarities that decide a top-k, sees less of it); it keeps the try of least error
+    (``scale_tries``: 1 tries the absmax scale alone, as ``Index.search`` does for queries). On
     issue 6's clustered corpus (20,000 documents, 512 queries, built on the CPU) recall@10 against the exact
     float16 answer went 0.978 (absmax) -> 0.981 (refit) -> 0.985 (best of 8, 9% less error), int8 0.994.
+    A zero token gets scale 1 and zero codes; a token with a NaN or infinite value a non-finite scale, so
+    that what is scored with it is not a number (``Index.add`` refuses such documents; queries propagate).
     Works ``CHUNK_TOKENS`` tokens at a time (bounded float32 temporaries).
     """
     if dtype not in QUANT_MAX:
@@ -78,14 +83,14 @@ def quantize(tokens: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
     for t0 in range(0, tokens.shape[0], CHUNK_TOKENS):
         wide = tokens[t0 : t0 + CHUNK_TOKENS].float()
         absmax = wide.abs().amax(dim=1) / QUANT_MAX[dtype]
-        absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+        absmax = torch.where(absmax != 0, absmax, torch.ones_like(absmax))  # NaN / inf kept: see above
         if dtype == torch.int8:
             codes, scale = (wide / absmax[:, None]).round().clamp_(-127, 127).to(torch.int8), absmax
         else:
             norm2 = wide.square().sum(1)
             codes, scale, fit = _e4m3_codes(wide, norm2, absmax)
-            for k in range(1, E4M3_SCALE_TRIES):
-                codes_k, scale_k, fit_k = _e4m3_codes(wide, norm2, absmax * 2.0 ** (k / E4M3_SCALE_TRIES))
+            for k in range(1, scale_tries):
+                codes_k, scale_k, fit_k = _e4m3_codes(wide, norm2, absmax * 2.0 ** (k / scale_tries))
                 better = fit_k > fit  # select bytes: torch.where need not take float8 on every device
                 codes = torch.where(better[:, None], codes_k.view(torch.uint8), codes.view(torch.uint8))
                 codes = codes.view(torch.float8_e4m3fn)
@@ -260,12 +265,15 @@ class Index:
         q_lengths=None,
         chunk: int | None = None,
         normalize=False,
+        quantize_queries: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` best documents per query: ``maxsim.topk`` semantics, the caller's ids.
 
         Quantized storage is read in place where the backend's ``reads_quantized`` (the Triton kernels, the
         CPU kernel); elsewhere (MPS, a CPU without the kernel) ``CHUNK_TOKENS`` stored tokens at a time are
-        widened to 16 bits.
+        widened to 16 bits. Queries quantized to the storage format (``quantize_queries``) go to the int8 /
+        float8 tensor cores as codes where the backend's ``dots_quantized`` (the Triton kernels on an NVIDIA
+        GPU that has them); elsewhere they are widened back to 16 bits, which scores the same tokens.
 
         Args:
             q: ``[Nq, Lq, D]`` or ``[Lq, D]`` float32/float16/bfloat16 on the index's device (cast to the
@@ -273,6 +281,10 @@ class Index:
             q_mask, q_lengths: the queries' real tokens, as in ``maxsim.topk``.
             chunk: documents per step (default: ``maxsim.topk``'s; about ``CHUNK_TOKENS`` tokens when
                 quantized tokens are widened).
+            quantize_queries: int8 / float8_e4m3fn storage only: quantize each query token to the storage
+                format (its absmax scale, as ``quantize(..., scale_tries=1)``) and score those codes; faster
+                where the codes go to the tensor cores, at some recall (``benchmarks/README.md``). None:
+                where the backend's ``dots_quantized``.
 
         Returns:
             float32 scores and int64 ids ``[Nq, k]`` (``[k]`` for a 2-D ``q``), best first, equal scores by
@@ -286,11 +298,23 @@ class Index:
         check.check_device(q, "q", self.device, "the index")
         if len(self) == 0:
             raise ValueError("the index is empty")
+        if quantize_queries not in (None, False, True):
+            raise TypeError(f"quantize_queries must be None, False or True, got {quantize_queries!r}")
         if self.scales is None:
+            if quantize_queries:
+                raise ValueError(f"quantize_queries needs int8 or float8_e4m3fn storage, not {self.dtype}")
             return self._search_packed(q.to(self.dtype), k, q_mask, q_lengths, chunk, normalize)
         queries = q.to(torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float16)
-        if get_backend(self.device).reads_quantized(queries, self.tokens):
-            return self._search_packed(queries, k, q_mask, q_lengths, chunk, normalize)
+        backend = get_backend(self.device)
+        q_scales = None
+        if quantize_queries or (quantize_queries is None and backend.dots_quantized(queries, self.tokens)):
+            codes, scales = quantize(queries.reshape(-1, self.dim), self.dtype, scale_tries=1)
+            if backend.dots_quantized(queries, self.tokens):
+                queries, q_scales = codes.view(queries.shape), scales.view(queries.shape[:-1])
+            else:
+                queries = dequantize(codes, scales, queries.dtype).view(queries.shape)
+        if backend.reads_quantized(queries, self.tokens):
+            return self._search_packed(queries, k, q_mask, q_lengths, chunk, normalize, q_scales)
         return self._search_widened(queries, k, q_mask, q_lengths, chunk, normalize)
 
     def _starts_and_longest(self) -> tuple[list[int], int]:
@@ -301,17 +325,20 @@ class Index:
             self._host_starts = starts, max(self._lengths, default=0)
         return self._host_starts
 
-    def _search_packed(self, queries, k, q_mask, q_lengths, chunk, normalize):
+    def _search_packed(self, queries, k, q_mask, q_lengths, chunk, normalize, q_scales=None):
         """The stored tokens as a packed corpus, ``maxsim.topk``'s streaming; quantized storage goes with its
-        scales straight to the backend's ``maxsim_varlen_scaled``, which reads the codes in place."""
+        scales straight to the backend's ``maxsim_varlen_scaled``, which reads the codes in place (and with
+        ``q_scales``, ``queries`` holding codes, multiplies codes by codes)."""
         check_k(k, len(self))
         batch, mask = query_batch(queries, q_mask, q_lengths, validate=True)
+        if q_scales is not None:
+            q_scales = q_scales.reshape(batch.shape[:2])
         starts, longest = self._starts_and_longest()
         with torch.no_grad():
             step = chunk_step(batch.shape[0], chunk)
             score = packed_scorer(
                 batch, mask, self.tokens, self.offsets, longest, normalize, step,
-                d_scales=self.scales, starts=starts,
+                d_scales=self.scales, starts=starts, q_scales=q_scales,
             )  # fmt: skip
             scores, pos = stream_topk(score, len(self), batch.shape[0], k, chunk, self.device)
         if queries.dim() == 2:

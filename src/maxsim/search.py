@@ -181,7 +181,9 @@ def _padded_scorer(queries, q_mask, d, d_mask, d_lengths, normalize):
     return score
 
 
-def packed_scorer(queries, q_mask, d, cu_d, longest, normalize, step, d_scales=None, starts=None):
+def packed_scorer(
+    queries, q_mask, d, cu_d, longest, normalize, step, d_scales=None, starts=None, q_scales=None
+):
     """``score(start, stop)`` for a packed corpus, for the chunks of ``stream_topk`` (``step`` documents
     each): the queries packed once (masked tokens dropped, which is what a mask means), each chunk of
     documents a slice of ``d`` with its own offsets.
@@ -190,6 +192,8 @@ def packed_scorer(queries, q_mask, d, cu_d, longest, normalize, step, d_scales=N
     ``d_scales``: float32 ``[T]`` for int8/float8_e4m3fn ``d`` (``Index`` storage): the chunks go straight
     to the backend's ``maxsim_varlen_scaled`` (only where its ``reads_quantized``), which reads the codes in
     place (the Triton varlen kernel, the CPU kernel).
+    ``q_scales``: float32 ``[Nq, Lq]`` with ``queries`` quantized to ``d``'s dtype (only where the backend's
+    ``dots_quantized``): packed with the queries and passed on.
     ``starts``: ``cu_d`` as a host list when the caller keeps one; else only the chunks' boundaries are
     copied from the device (one small copy, not the whole ``cu_d``).
     """
@@ -197,6 +201,7 @@ def packed_scorer(queries, q_mask, d, cu_d, longest, normalize, step, d_scales=N
     device = queries.device
     if q_mask is None:  # every token real: the queries as they are, nothing read back from the device
         q_packed = queries.reshape(nq * lq, queries.shape[2])
+        qs_packed = None if q_scales is None else q_scales.reshape(nq * lq)
         cu_q_nonempty = torch.arange(0, (nq + 1) * lq, lq, dtype=torch.int64, device=device)
         kept = None  # every query
     else:
@@ -205,6 +210,7 @@ def packed_scorer(queries, q_mask, d, cu_d, longest, normalize, step, d_scales=N
         cu_q = torch.zeros(nq + 1, dtype=torch.int64, device=device)
         cu_q[1:] = counts.cumsum(0)
         q_packed = queries[q_mask]
+        qs_packed = None if q_scales is None else q_scales[q_mask]
         cu_q_nonempty = torch.cat([cu_q[:1], cu_q[1:][has_tokens]])
         kept = has_tokens.nonzero()[:, 0]
     offsets = cu_d.to(torch.int64)
@@ -214,6 +220,7 @@ def packed_scorer(queries, q_mask, d, cu_d, longest, normalize, step, d_scales=N
         starts = dict(zip(marks, offsets[marks].tolist(), strict=True))
     if longest is None:
         longest = int((offsets[1:] - offsets[:-1]).max())
+    code_dots = {} if q_scales is None else {"q_scales": qs_packed}  # only backends that dots_quantized
 
     def score_kept(start: int, stop: int) -> torch.Tensor:  # [queries with a real token, stop - start]
         t0, t1 = starts[start], starts[stop]
@@ -224,7 +231,7 @@ def packed_scorer(queries, q_mask, d, cu_d, longest, normalize, step, d_scales=N
             )  # fmt: skip
         return get_backend(device).maxsim_varlen_scaled(
             q_packed, cu_q_nonempty, d[t0:t1], offsets[start : stop + 1] - t0, d_scales[t0:t1],
-            max_lq=lq, max_ld=longest, normalize=normalize,
+            max_lq=lq, max_ld=longest, normalize=normalize, **code_dots,
         )  # fmt: skip
 
     def score(start: int, stop: int) -> torch.Tensor:

@@ -69,9 +69,23 @@ def check_device(x: torch.Tensor, name: str, device: torch.device, ref_name: str
 SCALED_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
 
-def check_scaled_tokens(q: torch.Tensor, d: torch.Tensor, d_scales, *, d_name: str = "d") -> None:
+def check_scaled_tokens(q: torch.Tensor, d: torch.Tensor, d_scales, *, d_name: str = "d", q_scales=None) -> None:
     """Quantized documents: ``d [T, D]`` int8/float8_e4m3fn with float32 ``d_scales [T]`` on ``q``'s device,
-    ``q`` float16/bfloat16; documents of another dtype take no scales."""
+    ``q`` float16/bfloat16, or with float32 ``q_scales [Tq]`` codes of ``d``'s dtype; documents of another
+    dtype take no scales."""
+    if q_scales is not None:
+        if d_scales is None or not isinstance(q_scales, torch.Tensor):
+            raise TypeError("q_scales must be a torch.Tensor, and only with quantized documents and d_scales")
+        if q.dtype != d.dtype:
+            raise TypeError(
+                f"q with q_scales must have {d_name}'s dtype {_dtype_name(d.dtype)}, got {_dtype_name(q.dtype)}"
+            )
+        if q_scales.dtype != torch.float32 or q_scales.shape != q.shape[:1]:
+            raise ValueError(
+                f"q_scales must be float32 [{q.shape[0]}] (one per token of q), "
+                f"got {_dtype_name(q_scales.dtype)} {list(q_scales.shape)}"
+            )
+        check_device(q_scales, "q_scales", q.device, "q")
     if d_scales is None:
         if d.dtype in SCALED_DTYPES:
             raise ValueError(
@@ -88,7 +102,7 @@ def check_scaled_tokens(q: torch.Tensor, d: torch.Tensor, d_scales, *, d_name: s
             f"d_scales must be float32 [{d.shape[0]}] (one per token of {d_name}), "
             f"got {_dtype_name(d_scales.dtype)} {list(d_scales.shape)}"
         )
-    if q.dtype not in (torch.float16, torch.bfloat16):
+    if q_scales is None and q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"q must be float16 or bfloat16 with quantized {d_name}, got {_dtype_name(q.dtype)}")
     if q.shape[-1] != d.shape[-1]:
         raise ValueError(

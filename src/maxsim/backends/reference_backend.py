@@ -35,6 +35,11 @@ def maxsim_varlen(q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq, max_ld, normalize, 
     return scores.to(_score_dtype(q.dtype)), argmax
 
 
+def dots_quantized(q: torch.Tensor, d: torch.Tensor) -> bool:
+    """Whether ``maxsim_varlen_scaled`` takes queries quantized to ``d``'s dtype: never (the reference takes 16-bit queries only)."""
+    return False
+
+
 def reads_quantized(q: torch.Tensor, d: torch.Tensor) -> bool:
     """The reference scores quantized documents of any device (dequantized in float64)."""
     return True

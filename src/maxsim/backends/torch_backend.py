@@ -499,6 +499,11 @@ def maxsim_varlen(q, cu_q, d, cu_d, q_ids, d_ids, *, max_lq, max_ld, normalize, 
     )  # fmt: skip
 
 
+def dots_quantized(q: torch.Tensor, d: torch.Tensor) -> bool:
+    """Whether ``maxsim_varlen_scaled`` takes queries quantized to ``d``'s dtype: never (the torch backend multiplies 16-bit queries only)."""
+    return False
+
+
 def reads_quantized(q: torch.Tensor, d: torch.Tensor) -> bool:
     """Whether ``maxsim_varlen_scaled`` takes queries ``q`` and quantized documents ``d`` here: the CPU
     kernel's (``cpu_kernel.applies_scaled``); elsewhere callers widen the codes themselves."""

@@ -85,12 +85,31 @@ def reads_quantized(q: torch.Tensor, d: torch.Tensor) -> bool:
     return _kernels_run_on(q)
 
 
-def maxsim_varlen_scaled(q, cu_q, d, cu_d, d_scales, *, max_lq: int, max_ld: int, normalize: bool):
-    """All-pairs scores float32 ``[Nq, Nd]`` of packed 16-bit queries against packed int8 / float8_e4m3fn
-    codes ``d`` with float32 scales ``d_scales [Td]``: the varlen kernel widens the codes in registers."""
+# the first (major, minor) CUDA capability whose tensor cores Triton drives for codes of each dtype
+_CODE_DOTS = {torch.int8: (8, 0), torch.float8_e4m3fn: (8, 9)}
+
+
+def dots_quantized(q: torch.Tensor, d: torch.Tensor) -> bool:
+    """Whether ``maxsim_varlen_scaled`` takes queries quantized to ``d``'s dtype here (``q_scales``) and
+    multiplies the codes as they are: the kernels run on ``q``, on an NVIDIA GPU with int8 / float8 tensor
+    cores (``Index.search``'s default then quantizes the queries), or in the interpreter."""
+    if not _kernels_run_on(q) or d.dtype not in _CODE_DOTS:
+        return False
+    if not q.is_cuda:
+        return True  # the interpreter
+    return not getattr(torch.version, "hip", None) and torch.cuda.get_device_capability(q.device) >= _CODE_DOTS[d.dtype]
+
+
+def maxsim_varlen_scaled(
+    q, cu_q, d, cu_d, d_scales, *, max_lq: int, max_ld: int, normalize: bool, q_scales=None
+):
+    """All-pairs scores float32 ``[Nq, Nd]`` of packed queries against packed int8 / float8_e4m3fn codes
+    ``d`` with float32 scales ``d_scales [Td]``. 16-bit queries: the varlen kernel widens the codes in
+    registers; queries quantized to ``d``'s dtype with float32 ``q_scales [Tq]`` (where ``dots_quantized``):
+    the codes are multiplied as they are."""
     return maxsim_varlen_fwd(
-        q, cu_q, d, cu_d, None, None,
-        max_lq=max_lq, max_ld=max_ld, normalize=normalize, return_argmax=False, d_scales=d_scales,
+        q, cu_q, d, cu_d, None, None, max_lq=max_lq, max_ld=max_ld, normalize=normalize,
+        return_argmax=False, d_scales=d_scales, q_scales=q_scales,
     )[0]  # fmt: skip
 
 

@@ -17,7 +17,9 @@ Shape classes (``shape_class``):
   ``block_q`` rows hold ``block_q / pow2(Lq)`` whole queries, so each document tile feeds a taller dot;
 
 each with a ``-f32`` variant for float32 inputs (twice the bytes per element: smaller tiles) and a ``-wide``
-variant for ``D > 256`` (the query tile no longer stays in registers).
+variant for ``D > 256`` (the query tile no longer stays in registers); queries quantized to int8 / float8
+codes (``Index.search`` on int8 / e4m3 storage: one byte per element, the int8 / float8 tensor cores) have
+``rerank-q8`` and ``packed-q8``.
 """
 
 from __future__ import annotations
@@ -80,7 +82,9 @@ TABLE: dict[tuple[str, str], FwdConfig] = {
     ("sm_90", "mid-wide"): FwdConfig(64, 64, 128, 1, 4, 3, 2.0, 2, True),
     ("sm_90", "mid-wide-f32"): FwdConfig(64, 64, 64, 1, 4, 2, 2.0, 2, True),
     ("sm_90", "packed"): FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2, False),
+    ("sm_90", "packed-q8"): FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2, False),
     ("sm_90", "rerank"): FwdConfig(64, 64, 128, 1, 4, 3, 0.5, 2, True),
+    ("sm_90", "rerank-q8"): FwdConfig(64, 64, 128, 1, 4, 3, 0.5, 2, True),
     ("sm_90", "rerank-f32"): FwdConfig(32, 64, 64, 1, 4, 2, 2.0, 2, True),
     ("sm_90", "rerank-wide"): FwdConfig(32, 64, 128, 1, 4, 3, 2.0, 2, True),
     ("sm_90", "rerank-wide-f32"): FwdConfig(32, 64, 64, 1, 4, 2, 2.0, 2, True),
@@ -92,12 +96,15 @@ def shape_class(lq: int, dim: int, dtype: torch.dtype, queries: int = 1) -> str:
     """The table's shape class of a problem with ``lq`` query tokens of ``dim`` columns, ``queries`` of
     them scored against the same documents."""
     if queries > 1 and lq <= 64 and dim <= 256 and dtype != torch.float32:
-        return "packed"
-    name = "rerank" if lq <= 64 else ("mid" if lq < 256 else "flops")
-    if dim > 256:
-        name += "-wide"
+        name = "packed"
+    else:
+        name = "rerank" if lq <= 64 else ("mid" if lq < 256 else "flops")
+        if dim > 256:
+            name += "-wide"
     if dtype == torch.float32:
         name += "-f32"
+    elif dtype.itemsize == 1 and name in ("rerank", "packed"):
+        name += "-q8"
     return name
 
 

@@ -89,13 +89,17 @@ def _doc_best(
     q_tile, q_rows, q_in, q_inv, d_base, dm_base, ds_base, l_lo, l_hi, D, sq_k, sd_l, sd_k, sdm_l,
     BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DMASK: tl.constexpr,
     NORMALIZE: tl.constexpr, ARGMAX: tl.constexpr, SINGLE_D: tl.constexpr, PREC: tl.constexpr,
-    LANE_MAX: tl.constexpr, D_SCALED: tl.constexpr,
+    LANE_MAX: tl.constexpr, D_SCALED: tl.constexpr, Q_SCALED: tl.constexpr,
 ):  # fmt: skip
     """Max (NaN wins) and its first index per query row over document tokens ``[l_lo, l_hi)``.
+
+    ``q_inv``: a factor per query row: its inverse norm with NORMALIZE, else its scale with Q_SCALED.
 
     D_SCALED: the document tokens are int8 / float8 codes with a float32 scale per token at ``ds_base``
     (contiguous): each tile is widened in registers to the query's dtype (exact), and each similarity
     column multiplied by its token's scale after the dot (``<q, c * s> = <q, c> * s``).
+    Q_SCALED (with D_SCALED): the query rows are codes of the documents' dtype too, so the tiles go to the
+    int8 / float8 tensor cores as they are (int32 / float32 sums), each row multiplied by ``q_inv`` after.
 
     LANE_MAX: the running maximum is kept elementwise over a ``[BLOCK_Q, BLOCK_L]`` tile (each column lane
     sees the tiles in token order, a strict ``>`` keeps its first winner) and reduced across lanes once at
@@ -127,7 +131,10 @@ def _doc_best(
                 df = d_tile.to(tl.float32)
                 d_sq = tl.sum(df * df, 0)
         else:
-            acc = tl.zeros([BLOCK_Q, BLOCK_L], tl.float32)
+            if q_tile.dtype == tl.int8:  # int8 codes: exact int32 sums
+                acc = tl.zeros([BLOCK_Q, BLOCK_L], tl.int32)
+            else:
+                acc = tl.zeros([BLOCK_Q, BLOCK_L], tl.float32)
             d_sq = tl.zeros([BLOCK_L], tl.float32)
             for k0 in range(0, D, BLOCK_D):
                 kk = k0 + offs_k
@@ -135,18 +142,20 @@ def _doc_best(
                 dt = tl.load(d_cols + kk[:, None] * sd_k, mask=real[None, :] & (kk[:, None] < D), other=0.0)
                 if D_SCALED:
                     dt = dt.to(qt.dtype)
-                acc = tl.dot(qt, dt, acc, input_precision=PREC)
+                acc = tl.dot(qt, dt, acc, input_precision=PREC, out_dtype=acc.dtype)
                 if NORMALIZE:
                     df = dt.to(tl.float32)
                     d_sq += tl.sum(df * df, 0)
         if D_SCALED:
             d_scale = tl.load(ds_base + offs.to(tl.int64), mask=real, other=1.0)
-            acc = acc * d_scale[None, :]
+            acc = acc.to(tl.float32) * d_scale[None, :]
             if NORMALIZE:
                 d_sq = d_sq * (d_scale * d_scale)
         if NORMALIZE:
             d_inv = 1.0 / tl.maximum(tl.sqrt(d_sq), 1e-12)
             acc = acc * q_inv[:, None] * d_inv[None, :]
+        elif Q_SCALED:
+            acc = acc * q_inv[:, None]
         if LANE_MAX:
             if ARGMAX:
                 take = real[None, :] & ((run_idx < 0) | (acc > run) | ((acc != acc) & (run == run)))
@@ -271,7 +280,7 @@ def _maxsim_fwd_kernel(
             best, best_idx = _doc_best(
                 q_tile, q_rows, q_in, q_inv, d_ptr + p64 * sd_p + n64 * sd_n, dm_base, dm_base,
                 l_lo, l_end, D, sq_k, sd_l, sd_k, sdm_l,
-                BLOCK_Q, BLOCK_L, BLOCK_D, HAS_DMASK, NORMALIZE, ARGMAX, SINGLE_D, PREC, LANE_MAX, False,
+                BLOCK_Q, BLOCK_L, BLOCK_D, HAS_DMASK, NORMALIZE, ARGMAX, SINGLE_D, PREC, LANE_MAX, False, False,
             )  # fmt: skip
             if QPACK == 1:
                 row = (p64 * Qn + (pg % n_qgroups)) * Dn + n64

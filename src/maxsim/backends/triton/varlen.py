@@ -4,7 +4,9 @@ A program scores one block of ``BLOCK_Q`` tokens of one query (all pairs of shor
 queries, as in ``forward.py``) against one document (or one split of its tokens) of a pair; it reads only the real tokens of both (the tile loop stops at the document's own
 length). The tile loop, the tie and NaN rules and the deterministic combination of splits are those of
 ``forward.py``. Documents may be quantized (``D_SCALED``): int8 or float8 e4m3 codes with a float32 scale
-per token, widened to the query's 16-bit dtype in registers (nothing dequantized into memory).
+per token, widened to the query's 16-bit dtype in registers (nothing dequantized into memory). Queries may be
+quantized too (``Q_SCALED``: codes of the documents' dtype with a scale per token), and then the tiles are
+multiplied on the int8 / float8 tensor cores as they are.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ from .launch import Launcher
 
 @triton.jit
 def _maxsim_varlen_kernel(
-    q_ptr, d_ptr, ds_ptr, cu_q_ptr, cu_d_ptr, qid_ptr, did_ptr, score_ptr, argmax_ptr, pmax_ptr, pidx_ptr,
+    q_ptr, qs_ptr, d_ptr, ds_ptr, cu_q_ptr, cu_d_ptr, qid_ptr, did_ptr, score_ptr, argmax_ptr, pmax_ptr, pidx_ptr,
     Nd, D, R, MAX_LQ, sq_l, sq_k, sd_l, sd_k, n_qb, n_split, split_len,
     BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, LISTED: tl.constexpr,
     NORMALIZE: tl.constexpr, ARGMAX: tl.constexpr, PARTIAL: tl.constexpr, SINGLE_D: tl.constexpr,
-    PREC: tl.constexpr, LANE_MAX: tl.constexpr, D_SCALED: tl.constexpr, QPACK: tl.constexpr,
+    PREC: tl.constexpr, LANE_MAX: tl.constexpr, D_SCALED: tl.constexpr, Q_SCALED: tl.constexpr,
+    QPACK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     qb = pid % n_qb
@@ -69,6 +72,8 @@ def _maxsim_varlen_kernel(
     q_in = offs_q < lq
     q_rows = q_ptr + (q_start + offs_q.to(tl.int64))[:, None] * sq_l
     q_tile, q_inv = _load_query(q_rows, q_in, D, sq_k, BLOCK_Q, BLOCK_D, NORMALIZE, SINGLE_D)
+    if Q_SCALED and not NORMALIZE:  # the rows' scales (with NORMALIZE they cancel: the codes' norms serve)
+        q_inv = tl.load(qs_ptr + q_start + offs_q.to(tl.int64), mask=q_in, other=1.0)
 
     l_lo = split * split_len
     l_hi = tl.minimum(l_lo + split_len, ld)
@@ -77,6 +82,7 @@ def _maxsim_varlen_kernel(
     best, best_idx = _doc_best(
         q_tile, q_rows, q_in, q_inv, d_ptr + d_start * sd_l, d_ptr, ds_ptr + d_start, l_lo, l_hi, D, sq_k,
         sd_l, sd_k, 0, BLOCK_Q, BLOCK_L, BLOCK_D, False, NORMALIZE, ARGMAX, SINGLE_D, PREC, LANE_MAX, D_SCALED,
+        Q_SCALED,
     )  # fmt: skip
     if QPACK == 1:
         row = pair.to(tl.int64)
@@ -106,6 +112,7 @@ def maxsim_varlen_fwd(
     config: FwdConfig | None = None,
     n_split: int | None = None,
     d_scales: torch.Tensor | None = None,
+    q_scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the varlen forward.
 
@@ -118,11 +125,13 @@ def maxsim_varlen_fwd(
         normalize, return_argmax: as ``maxsim_fwd``.
         config, n_split: launch overrides (tests, autotuning).
         d_scales: float32 ``[Td]``, token ``t`` being ``d[t] * d_scales[t]``; only with quantized ``d``.
+        q_scales: float32 ``[Tq]`` with ``q`` codes of ``d``'s dtype (query token ``t`` is
+            ``q[t] * q_scales[t]``): the dots run on the int8 / float8 tensor cores.
 
     Returns:
         scores float32 ``[Nq, Nd]`` or ``[P]``; int32 argmax ``[..., max_lq]`` (-1 past a query) or None.
     """
-    check.check_scaled_tokens(q, d, d_scales)
+    check.check_scaled_tokens(q, d, d_scales, q_scales=q_scales)
     D = q.shape[1]
     nq, nd = cu_q.shape[0] - 1, cu_d.shape[0] - 1
     listed = q_ids is not None
@@ -145,7 +154,9 @@ def maxsim_varlen_fwd(
         _VARLEN(
             programs * n_split,
             (
-                q, d, d if d_scales is None else d_scales.contiguous(), cu_q, cu_d, q_ids if listed else cu_q, d_ids if listed else cu_d, score_out,
+                q, q if q_scales is None else q_scales.contiguous(), d,
+                d if d_scales is None else d_scales.contiguous(), cu_q, cu_d,
+                q_ids if listed else cu_q, d_ids if listed else cu_d, score_out,
                 scores if argmax is None else argmax, scores if pmax is None else pmax,
                 scores if pidx is None else pidx,
             ),
@@ -153,7 +164,8 @@ def maxsim_varlen_fwd(
             dict(
                 BLOCK_Q=block_q, BLOCK_L=block_l, BLOCK_D=block_d, LISTED=listed, NORMALIZE=normalize,
                 ARGMAX=return_argmax, PARTIAL=partial, SINGLE_D=D <= block_d, PREC=dot_precision(q.dtype),
-                LANE_MAX=cfg.lane_max, D_SCALED=d_scales is not None, QPACK=qpack,
+                LANE_MAX=cfg.lane_max, D_SCALED=d_scales is not None,
+                Q_SCALED=q_scales is not None, QPACK=qpack,
             ),
             cfg.num_warps,
             cfg.num_stages,
