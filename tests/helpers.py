@@ -3,7 +3,10 @@
 Tolerance (DESIGN.md), stated once here: the reference computes in float64 on the same, already rounded
 inputs. float32 (and float64) inputs: ``|ours - ref| <= 1e-4 * max(1, |ref|)``. float16/bfloat16 inputs:
 ``|ours - ref| <= 2 * |naive - ref| + 1e-3 * max(1, |ref|)`` where ``naive`` is torch computing in the input
-dtype. NaN must match NaN and infinities must match exactly.
+dtype. float8_e4m3fn codes multiplied by codes (quantized queries against e4m3 storage; the reference scores
+the same dequantized codes): the tensor cores keep about 14 bits between float32 promotions (every 32
+products on sm_90), so ``|ours - ref| <= 1e-3 * max(1, |ref|)``; int8 codes sum exactly in int32 (float32's
+bound). NaN must match NaN and infinities must match exactly.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ def assert_scores_close(ours: torch.Tensor, ref: torch.Tensor, *, dtype: torch.d
         assert naive is not None, "low-precision checks need the naive in-dtype scores"
         naive_error = (naive.detach().double().cpu()[finite] - ref).abs()
         bound = 2 * naive_error + 1e-3 * scale
+    elif dtype == torch.float8_e4m3fn:
+        bound = 1e-3 * scale
     else:
         bound = 1e-4 * scale
     error = (ours - ref).abs()

@@ -487,8 +487,12 @@ def test_quantized_index_fused(dtype, qdtype, quantize_queries):
     d_mask = torch.arange(padded.shape[1], device=CUDA) < lengths[:, None]
     full = maxsim_reference(q_scored[:, None], padded[None], d_mask=d_mask[None])[0]  # [32, 200]
     order = torch.sort(full, dim=1, descending=True, stable=True)
-    assert torch.equal(ids, index.ids[order.indices[:, :10]])
-    assert_scores_close(scores, order.values[:, :10], dtype=torch.float32)
+    tolerance = qdtype if quantize_queries else torch.float32
+    if tolerance == torch.float8_e4m3fn:  # near-ties may swap within its bound: the reference's scores of ours
+        assert_scores_close(full.gather(1, ids), order.values[:, :10], dtype=tolerance)
+    else:
+        assert torch.equal(ids, index.ids[order.indices[:, :10]])
+    assert_scores_close(scores, order.values[:, :10], dtype=tolerance)
     codes = torch.randint(-3, 4, (104, 24), device=CUDA).float()
     codes[60, 3] = float("nan") if qdtype == torch.float8_e4m3fn else 0
     codes = codes.to(qdtype)

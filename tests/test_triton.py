@@ -671,7 +671,7 @@ def test_varlen_quantized_documents(dim, normalize, cfg, n_split, qdtype, querie
             config=cfg, n_split=n_split, d_scales=scales.to(DEVICE), **q_kw,
         )  # fmt: skip
         ref, ref_argmax = maxsim_varlen_reference(q_wide, cu_q, wide, cu_d, pairs=pairs, normalize=normalize)
-        assert_scores_close(scores, ref, dtype=torch.float32)
+        assert_scores_close(scores, ref, dtype=qdtype if queries == "quantized" else torch.float32)
         assert torch.equal(argmax.cpu() < 0, ref_argmax < 0)
 
 
@@ -743,7 +743,7 @@ def test_index_search_reads_quantized_tokens(qdtype, quantize_queries, monkeypat
     ], dtype=torch.float64)  # fmt: skip
     order = torch.sort(full, dim=1, descending=True, stable=True)
     assert torch.equal(got.cpu(), ids[order.indices[:, :6]])
-    assert_scores_close(scores, order.values[:, :6], dtype=torch.float32)
+    assert_scores_close(scores, order.values[:, :6], dtype=qdtype if quantize_queries is None else torch.float32)
     one_scores, one_ids = index.search(q[0].to(DEVICE), 6, quantize_queries=quantize_queries)
     assert torch.equal(one_ids, got[0]) and torch.equal(one_scores, scores[0])
 

@@ -93,13 +93,14 @@ def _doc_best(
 ):  # fmt: skip
     """Max (NaN wins) and its first index per query row over document tokens ``[l_lo, l_hi)``.
 
-    ``q_inv``: a factor per query row: its inverse norm with NORMALIZE, else its scale with Q_SCALED.
+    ``q_inv``: a factor per query row: its inverse norm with NORMALIZE, else its scale with Q_SCALED
+    (positive or NaN: applied to the row's maximum).
 
     D_SCALED: the document tokens are int8 / float8 codes with a float32 scale per token at ``ds_base``
     (contiguous): each tile is widened in registers to the query's dtype (exact), and each similarity
     column multiplied by its token's scale after the dot (``<q, c * s> = <q, c> * s``).
     Q_SCALED (with D_SCALED): the query rows are codes of the documents' dtype too, so the tiles go to the
-    int8 / float8 tensor cores as they are (int32 / float32 sums), each row multiplied by ``q_inv`` after.
+    int8 / float8 tensor cores as they are (int32 / float32 sums), each row's maximum multiplied by ``q_inv``.
 
     LANE_MAX: the running maximum is kept elementwise over a ``[BLOCK_Q, BLOCK_L]`` tile (each column lane
     sees the tiles in token order, a strict ``>`` keeps its first winner) and reduced across lanes once at
@@ -126,7 +127,10 @@ def _doc_best(
             )
             if D_SCALED:
                 d_tile = d_tile.to(q_tile.dtype)
-            acc = tl.dot(q_tile, d_tile, input_precision=PREC)
+            if q_tile.dtype.is_fp8():  # float32 sums every 32 products (the default on sm_90 keeps ~14 bits)
+                acc = tl.dot(q_tile, d_tile, max_num_imprecise_acc=32)
+            else:
+                acc = tl.dot(q_tile, d_tile, input_precision=PREC)
             if NORMALIZE:
                 df = d_tile.to(tl.float32)
                 d_sq = tl.sum(df * df, 0)
@@ -142,7 +146,10 @@ def _doc_best(
                 dt = tl.load(d_cols + kk[:, None] * sd_k, mask=real[None, :] & (kk[:, None] < D), other=0.0)
                 if D_SCALED:
                     dt = dt.to(qt.dtype)
-                acc = tl.dot(qt, dt, acc, input_precision=PREC, out_dtype=acc.dtype)
+                if qt.dtype.is_fp8():
+                    acc = tl.dot(qt, dt, acc, max_num_imprecise_acc=32)
+                else:
+                    acc = tl.dot(qt, dt, acc, input_precision=PREC, out_dtype=acc.dtype)
                 if NORMALIZE:
                     df = dt.to(tl.float32)
                     d_sq += tl.sum(df * df, 0)
@@ -154,8 +161,6 @@ def _doc_best(
         if NORMALIZE:
             d_inv = 1.0 / tl.maximum(tl.sqrt(d_sq), 1e-12)
             acc = acc * q_inv[:, None] * d_inv[None, :]
-        elif Q_SCALED:
-            acc = acc * q_inv[:, None]
         if LANE_MAX:
             if ARGMAX:
                 take = real[None, :] & ((run_idx < 0) | (acc > run) | ((acc != acc) & (run == run)))
@@ -190,6 +195,8 @@ def _doc_best(
             hit = (run_idx >= 0) & ((run == best[:, None]) | ((run != run) & best_nan[:, None]))
             first = tl.min(tl.where(hit, run_idx, BIG), 1)
             best_idx = tl.where(first < BIG, first, -1)
+    if Q_SCALED and not NORMALIZE:  # a positive (or NaN) scale per row: the max of the scaled is the scaled max
+        best = best * q_inv
     return best, best_idx
 
 

@@ -145,6 +145,8 @@ def maxsim_varlen_fwd(
     cfg = config or forward_config(q.device, max_lq, D, q.dtype, queries=queries)
     block_q, block_l, block_d = blocks(cfg, max_lq, max_ld, D)
     qpack, block_q = pack_queries(cfg, block_q, max_lq, queries)
+    if q_scales is not None:  # the int8 / float8 tensor cores multiply 32 columns at a time
+        block_d = max(block_d, 32)
     n_qb = cdiv(max_lq, block_q // qpack)
     programs = cdiv(nq, qpack) * nd * n_qb if qpack > 1 else R * n_qb
     n_split, split_len = plan_split(programs, max_ld, block_l, cfg, device_info(q.device)[1], forced=n_split)
