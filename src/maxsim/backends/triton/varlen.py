@@ -1,7 +1,8 @@
 """Varlen forward kernels: packed ``q [Tq, D]`` / ``d [Td, D]`` with ``cu_seqlens``, all or listed pairs.
 
 A program scores one block of ``BLOCK_Q`` tokens of one query (all pairs of short queries: ``QPACK`` whole
-queries, as in ``forward.py``) against one document (or one split of its tokens) of a pair; it reads only the real tokens of both (the tile loop stops at the document's own
+queries, as in ``forward.py``) against one document (or one split of its tokens) of a pair (all pairs:
+``DOCS`` consecutive documents, the query tile loaded once); it reads only the real tokens of both (the tile loop stops at the document's own
 length). The tile loop, the tie and NaN rules and the deterministic combination of splits are those of
 ``forward.py``. Documents may be quantized (``D_SCALED``): int8 or float8 e4m3 codes with a float32 scale
 per token, widened to the query's 16-bit dtype in registers (nothing dequantized into memory). Queries may be
@@ -41,21 +42,22 @@ def _maxsim_varlen_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, LISTED: tl.constexpr,
     NORMALIZE: tl.constexpr, ARGMAX: tl.constexpr, PARTIAL: tl.constexpr, SINGLE_D: tl.constexpr,
     PREC: tl.constexpr, LANE_MAX: tl.constexpr, D_SCALED: tl.constexpr, Q_SCALED: tl.constexpr,
-    QPACK: tl.constexpr,
+    QPACK: tl.constexpr, DOCS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     qb = pid % n_qb
     rest = pid // n_qb
     split = rest % n_split
-    pair = rest // n_split  # with QPACK > 1: query group * Nd + document
+    pair = rest // n_split  # all pairs: query (group) * document blocks + block of DOCS documents
     SLOTS: tl.constexpr = BLOCK_Q // QPACK
     r = tl.arange(0, BLOCK_Q)
-    if LISTED:
+    if LISTED:  # DOCS == 1
         qi = tl.load(qid_ptr + pair).to(tl.int64)
-        di = tl.load(did_ptr + pair).to(tl.int64)
+        first_doc = tl.load(did_ptr + pair).to(tl.int64)
     else:
-        qi = (pair // Nd).to(tl.int64) * QPACK
-        di = (pair % Nd).to(tl.int64)
+        n_doc_blocks = (Nd + DOCS - 1) // DOCS
+        qi = (pair // n_doc_blocks).to(tl.int64) * QPACK
+        first_doc = (pair % n_doc_blocks).to(tl.int64) * DOCS
     query_ok = None
     if QPACK > 1:  # all pairs only: row r holds token r % SLOTS of query qi + r // SLOTS
         qi = qi + r // SLOTS
@@ -65,9 +67,6 @@ def _maxsim_varlen_kernel(
     else:
         q_start = tl.load(cu_q_ptr + qi).to(tl.int64)
         lq = (tl.load(cu_q_ptr + qi + 1).to(tl.int64) - q_start).to(tl.int32)
-    d_start = tl.load(cu_d_ptr + di).to(tl.int64)
-    ld = (tl.load(cu_d_ptr + di + 1).to(tl.int64) - d_start).to(tl.int32)
-
     offs_q = qb * SLOTS + r % SLOTS
     q_in = offs_q < lq
     q_rows = q_ptr + (q_start + offs_q.to(tl.int64))[:, None] * sq_l
@@ -75,23 +74,28 @@ def _maxsim_varlen_kernel(
     if Q_SCALED and not NORMALIZE:  # the rows' scales (with NORMALIZE they cancel: the codes' norms serve)
         q_inv = tl.load(qs_ptr + q_start + offs_q.to(tl.int64), mask=q_in, other=1.0)
 
-    l_lo = split * split_len
-    l_hi = tl.minimum(l_lo + split_len, ld)
-    if QPACK == 1:
-        l_hi = tl.where(qb * BLOCK_Q < lq, l_hi, l_lo)  # a query block past the query reads nothing
-    best, best_idx = _doc_best(
-        q_tile, q_rows, q_in, q_inv, d_ptr + d_start * sd_l, d_ptr, ds_ptr + d_start, l_lo, l_hi, D, sq_k,
-        sd_l, sd_k, 0, BLOCK_Q, BLOCK_L, BLOCK_D, False, NORMALIZE, ARGMAX, SINGLE_D, PREC, LANE_MAX, D_SCALED,
-        Q_SCALED,
-    )  # fmt: skip
-    if QPACK == 1:
-        row = pair.to(tl.int64)
-    else:
-        row = qi * Nd + di
-    _write_best(
-        best, best_idx, q_in, offs_q, row, split, R, score_ptr, argmax_ptr, pmax_ptr, pidx_ptr,
-        qb, MAX_LQ, ARGMAX, PARTIAL, QPACK, query_ok,
-    )  # fmt: skip
+    for j in range(DOCS):  # the query tile stays in registers for DOCS documents
+        di = first_doc + j
+        if di < Nd:
+            d_start = tl.load(cu_d_ptr + di).to(tl.int64)
+            ld = (tl.load(cu_d_ptr + di + 1).to(tl.int64) - d_start).to(tl.int32)
+            l_lo = split * split_len
+            l_hi = tl.minimum(l_lo + split_len, ld)
+            if QPACK == 1:
+                l_hi = tl.where(qb * BLOCK_Q < lq, l_hi, l_lo)  # a query block past the query reads nothing
+            best, best_idx = _doc_best(
+                q_tile, q_rows, q_in, q_inv, d_ptr + d_start * sd_l, d_ptr, ds_ptr + d_start, l_lo, l_hi, D,
+                sq_k, sd_l, sd_k, 0, BLOCK_Q, BLOCK_L, BLOCK_D, False, NORMALIZE, ARGMAX, SINGLE_D, PREC,
+                LANE_MAX, D_SCALED, Q_SCALED,
+            )  # fmt: skip
+            if LISTED:
+                row = pair.to(tl.int64)
+            else:
+                row = qi * Nd + di
+            _write_best(
+                best, best_idx, q_in, offs_q, row, split, R, score_ptr, argmax_ptr, pmax_ptr, pidx_ptr,
+                qb, MAX_LQ, ARGMAX, PARTIAL, QPACK, query_ok,
+            )  # fmt: skip
 
 
 _VARLEN = Launcher(_maxsim_varlen_kernel, INTERPRETED.value)
@@ -148,7 +152,8 @@ def maxsim_varlen_fwd(
     if q_scales is not None:  # the int8 / float8 tensor cores multiply 32 columns at a time
         block_d = max(block_d, 32)
     n_qb = cdiv(max_lq, block_q // qpack)
-    programs = cdiv(nq, qpack) * nd * n_qb if qpack > 1 else R * n_qb
+    docs = 1 if listed else cfg.docs
+    programs = R * n_qb if listed else cdiv(nq, qpack) * cdiv(nd, docs) * n_qb
     n_split, split_len = plan_split(programs, max_ld, block_l, cfg, device_info(q.device)[1], forced=n_split)
     partial = n_split > 1
     score_out, pmax, pidx = partial_outputs(scores, argmax, R, max_lq, n_split, n_qb)
@@ -167,7 +172,7 @@ def maxsim_varlen_fwd(
                 BLOCK_Q=block_q, BLOCK_L=block_l, BLOCK_D=block_d, LISTED=listed, NORMALIZE=normalize,
                 ARGMAX=return_argmax, PARTIAL=partial, SINGLE_D=D <= block_d, PREC=dot_precision(q.dtype),
                 LANE_MAX=cfg.lane_max, D_SCALED=d_scales is not None,
-                Q_SCALED=q_scales is not None, QPACK=qpack,
+                Q_SCALED=q_scales is not None, QPACK=qpack, DOCS=docs,
             ),
             cfg.num_warps,
             cfg.num_stages,
