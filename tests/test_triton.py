@@ -375,6 +375,55 @@ def _varlen_naive(q, cu_q, d, cu_d, pairs, normalize):
     return out.reshape(nq, nd) if pairs is None else out
 
 
+# runs of documents (all pairs without argmax): 4 documents per program in one tile loop
+RUN = configs.FwdConfig(block_q=64, block_l=16, block_d=16, docs=4, num_warps=4, num_stages=1, lane_max=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("block_q", [16, 64], ids=["query-blocks", "packed-queries"])
+@pytest.mark.parametrize("tokens", ["exact", "normalize", "nan", "int8-codes", "e4m3-codes"])
+def test_varlen_runs_of_documents(tokens, block_q, dtype, monkeypatch):
+    """All pairs without argmax take runs of ``docs`` documents per program: documents ending on a
+    tile's edge or inside one, shorter than a tile, longer than several tiles, a last run cut short (7
+    documents in runs of 4); queries of 1 to 20 tokens (block_q 16: two query blocks; 64: 4 queries packed
+    in a block), D of 2 chunks. Integer tokens give exact scores; a NaN token makes its document's scores
+    NaN; quantized codes (queries too) match the reference on the dequantized tokens."""
+    from maxsim.backends.triton import varlen
+    from maxsim.index import quantize
+
+    monkeypatch.setattr(varlen, "RUN_WAVES", 0)
+    g = torch.Generator().manual_seed(67)
+    q_len, d_len = [13, 1, 7, 20, 5], [37, 2, 16, 33, 1, 15, 50]
+    cu_q = torch.tensor([0, *torch.tensor(q_len).cumsum(0).tolist()], dtype=torch.int32)
+    cu_d = torch.tensor([0, *torch.tensor(d_len).cumsum(0).tolist()], dtype=torch.int64)
+    q = integer_tokens((sum(q_len), 20), dtype, generator=g)
+    d = integer_tokens((sum(d_len), 20), dtype, generator=g)
+    kw, q_ref, d_ref = {}, q.double(), d.double()
+    if tokens == "nan":
+        d[42, 3] = float("nan")  # document 2's fourth token
+        d_ref = d.double()
+    if tokens.endswith("codes"):
+        code_dtype = torch.int8 if tokens == "int8-codes" else torch.float8_e4m3fn
+        d, d_scales = quantize(d.float(), code_dtype)
+        q, q_scales = quantize(q.float(), code_dtype, scale_tries=1)
+        kw = dict(d_scales=d_scales.to(DEVICE), q_scales=q_scales.to(DEVICE))
+        q_ref, d_ref = _dequantized(q, q_scales), _dequantized(d, d_scales)
+    cfg = dataclasses.replace(RUN, block_q=block_q)
+    scores, argmax = maxsim_varlen_fwd(
+        *to_dev(q, cu_q, d, cu_d), None, None, max_lq=20, max_ld=50, normalize=tokens == "normalize",
+        return_argmax=False, config=cfg, **kw,
+    )  # fmt: skip
+    assert argmax is None
+    ref, _ = maxsim_varlen_reference(q_ref, cu_q, d_ref, cu_d, normalize=tokens == "normalize")
+    if tokens in ("exact", "nan"):
+        torch.testing.assert_close(scores.cpu().double(), ref, rtol=0, atol=0, equal_nan=True)
+        assert scores[:, 2].isnan().all() == (tokens == "nan")
+    elif tokens == "normalize":
+        assert_scores_close(scores, ref, dtype=dtype, naive=_varlen_naive(q, cu_q, d, cu_d, None, True))
+    else:
+        assert_scores_close(scores, ref, dtype=code_dtype)
+
+
 @pytest.mark.parametrize("n_split", [2, 4])
 def test_varlen_splits_and_ties(n_split):
     g = torch.Generator().manual_seed(23)

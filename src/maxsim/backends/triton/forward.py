@@ -85,6 +85,61 @@ def _mask_end(dm_base, sdm_l, l_lo, l_hi, MASK_BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _tile_similarities(
+    q_tile, q_rows, q_in, q_inv, d_cols, ds_ptrs, real, D, sq_k, sd_k,
+    BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr,
+    SINGLE_D: tl.constexpr, PREC: tl.constexpr, D_SCALED: tl.constexpr,
+):  # fmt: skip
+    """Float32 similarities ``[BLOCK_Q, BLOCK_L]`` of the query rows with one tile of document tokens.
+
+    ``d_cols``: ``[1, BLOCK_L]`` pointers to the tokens' first columns, ``real`` which of them to load;
+    ``ds_ptrs``: their scales (D_SCALED). See ``_doc_best`` for the scaled and normalized cases.
+    """
+    offs_k = tl.arange(0, BLOCK_D)
+    if SINGLE_D:
+        d_tile = tl.load(
+            d_cols + offs_k[:, None] * sd_k, mask=real[None, :] & (offs_k[:, None] < D), other=0.0
+        )
+        if D_SCALED:
+            d_tile = d_tile.to(q_tile.dtype)
+        if q_tile.dtype.is_fp8():  # float32 sums every 32 products (the default on sm_90 keeps ~14 bits)
+            acc = tl.dot(q_tile, d_tile, max_num_imprecise_acc=32)
+        else:
+            acc = tl.dot(q_tile, d_tile, input_precision=PREC)
+        if NORMALIZE:
+            df = d_tile.to(tl.float32)
+            d_sq = tl.sum(df * df, 0)
+    else:
+        if q_tile.dtype == tl.int8:  # int8 codes: exact int32 sums
+            acc = tl.zeros([BLOCK_Q, BLOCK_L], tl.int32)
+        else:
+            acc = tl.zeros([BLOCK_Q, BLOCK_L], tl.float32)
+        d_sq = tl.zeros([BLOCK_L], tl.float32)
+        for k0 in range(0, D, BLOCK_D):
+            kk = k0 + offs_k
+            qt = tl.load(q_rows + kk[None, :] * sq_k, mask=q_in[:, None] & (kk[None, :] < D), other=0.0)
+            dt = tl.load(d_cols + kk[:, None] * sd_k, mask=real[None, :] & (kk[:, None] < D), other=0.0)
+            if D_SCALED:
+                dt = dt.to(qt.dtype)
+            if qt.dtype.is_fp8():
+                acc = tl.dot(qt, dt, acc, max_num_imprecise_acc=32)
+            else:
+                acc = tl.dot(qt, dt, acc, input_precision=PREC, out_dtype=acc.dtype)
+            if NORMALIZE:
+                df = dt.to(tl.float32)
+                d_sq += tl.sum(df * df, 0)
+    if D_SCALED:
+        d_scale = tl.load(ds_ptrs, mask=real, other=1.0)
+        acc = acc.to(tl.float32) * d_scale[None, :]
+        if NORMALIZE:
+            d_sq = d_sq * (d_scale * d_scale)
+    if NORMALIZE:
+        d_inv = 1.0 / tl.maximum(tl.sqrt(d_sq), 1e-12)
+        acc = acc * q_inv[:, None] * d_inv[None, :]
+    return acc
+
+
+@triton.jit
 def _doc_best(
     q_tile, q_rows, q_in, q_inv, d_base, dm_base, ds_base, l_lo, l_hi, D, sq_k, sd_l, sd_k, sdm_l,
     BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DMASK: tl.constexpr,
@@ -120,47 +175,10 @@ def _doc_best(
         if HAS_DMASK:
             dm = tl.load(dm_base + offs.to(tl.int64) * sdm_l, mask=real, other=0)
             real = real & (dm != 0)
-        d_cols = d_base + offs.to(tl.int64)[None, :] * sd_l
-        if SINGLE_D:
-            d_tile = tl.load(
-                d_cols + offs_k[:, None] * sd_k, mask=real[None, :] & (offs_k[:, None] < D), other=0.0
-            )
-            if D_SCALED:
-                d_tile = d_tile.to(q_tile.dtype)
-            if q_tile.dtype.is_fp8():  # float32 sums every 32 products (the default on sm_90 keeps ~14 bits)
-                acc = tl.dot(q_tile, d_tile, max_num_imprecise_acc=32)
-            else:
-                acc = tl.dot(q_tile, d_tile, input_precision=PREC)
-            if NORMALIZE:
-                df = d_tile.to(tl.float32)
-                d_sq = tl.sum(df * df, 0)
-        else:
-            if q_tile.dtype == tl.int8:  # int8 codes: exact int32 sums
-                acc = tl.zeros([BLOCK_Q, BLOCK_L], tl.int32)
-            else:
-                acc = tl.zeros([BLOCK_Q, BLOCK_L], tl.float32)
-            d_sq = tl.zeros([BLOCK_L], tl.float32)
-            for k0 in range(0, D, BLOCK_D):
-                kk = k0 + offs_k
-                qt = tl.load(q_rows + kk[None, :] * sq_k, mask=q_in[:, None] & (kk[None, :] < D), other=0.0)
-                dt = tl.load(d_cols + kk[:, None] * sd_k, mask=real[None, :] & (kk[:, None] < D), other=0.0)
-                if D_SCALED:
-                    dt = dt.to(qt.dtype)
-                if qt.dtype.is_fp8():
-                    acc = tl.dot(qt, dt, acc, max_num_imprecise_acc=32)
-                else:
-                    acc = tl.dot(qt, dt, acc, input_precision=PREC, out_dtype=acc.dtype)
-                if NORMALIZE:
-                    df = dt.to(tl.float32)
-                    d_sq += tl.sum(df * df, 0)
-        if D_SCALED:
-            d_scale = tl.load(ds_base + offs.to(tl.int64), mask=real, other=1.0)
-            acc = acc.to(tl.float32) * d_scale[None, :]
-            if NORMALIZE:
-                d_sq = d_sq * (d_scale * d_scale)
-        if NORMALIZE:
-            d_inv = 1.0 / tl.maximum(tl.sqrt(d_sq), 1e-12)
-            acc = acc * q_inv[:, None] * d_inv[None, :]
+        acc = _tile_similarities(
+            q_tile, q_rows, q_in, q_inv, d_base + offs.to(tl.int64)[None, :] * sd_l, ds_base + offs.to(tl.int64),
+            real, D, sq_k, sd_k, BLOCK_Q, BLOCK_L, BLOCK_D, NORMALIZE, SINGLE_D, PREC, D_SCALED,
+        )  # fmt: skip
         if LANE_MAX:
             if ARGMAX:
                 take = real[None, :] & ((run_idx < 0) | (acc > run) | ((acc != acc) & (run == run)))

@@ -22,6 +22,9 @@ from .forward import (
     INTERPRETED,
     _doc_best,
     _load_query,
+    _nanmax,
+    _row_nanmax,
+    _tile_similarities,
     _write_best,
     blocks,
     cdiv,
@@ -33,6 +36,67 @@ from .forward import (
     plan_split,
 )
 from .launch import Launcher
+
+
+@triton.jit
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
+def _score_run_of_docs(
+    q_tile, q_rows, q_in, q_inv, first_query, first_doc, d_ptr, ds_ptr, cu_d_ptr, score_ptr, Nd, R, D, qb,
+    sq_k, sd_l, sd_k,
+    BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr,
+    SINGLE_D: tl.constexpr, PREC: tl.constexpr, D_SCALED: tl.constexpr, Q_SCALED: tl.constexpr,
+    QPACK: tl.constexpr, DOCS: tl.constexpr,
+):  # fmt: skip
+    """Score the ``QPACK`` queries of the rows against documents ``first_doc .. first_doc + DOCS - 1`` in
+    one tile loop over all their tiles (the software pipeline runs on from one document into the next).
+
+    Tile ``t`` is found from the documents' tile counts (one reduction over ``DOCS`` lanes); each tile's
+    row maxima merge into a running maximum that is written out (summed per query) and reset on a
+    document's last tile. Every document has a token (``cu_seqlens`` are validated so): one without
+    would not be written. No argmax, no split.
+    """
+    SLOTS: tl.constexpr = BLOCK_Q // QPACK
+    lane = tl.arange(0, DOCS)
+    doc = first_doc + lane
+    doc_ok = doc < Nd
+    starts = tl.load(cu_d_ptr + doc, mask=doc_ok, other=0).to(tl.int64)
+    lens = (tl.load(cu_d_ptr + doc + 1, mask=doc_ok, other=0).to(tl.int64) - starts).to(tl.int32)
+    tiles = (lens + BLOCK_L - 1) // BLOCK_L
+    tile_end = tl.cumsum(tiles, 0)
+    tile_begin = tile_end - tiles
+
+    query = first_query + tl.arange(0, QPACK)
+    query_ok = query < R // Nd
+    out = score_ptr + qb.to(tl.int64) * R + query * Nd  # [QPACK] row starts of this block's sums
+
+    offs_l = tl.arange(0, BLOCK_L)
+    best = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    for t in range(0, tl.sum(tiles, 0)):
+        here = (tile_begin <= t) & (t < tile_end)
+        done = (t - tile_begin) * BLOCK_L  # tokens of the document before this tile
+        tok0, left, j = tl.reduce(
+            (tl.where(here, starts + done, 0), tl.where(here, lens - done, 0), tl.where(here, lane, 0)), 0, _add3
+        )
+        real = offs_l < left
+        toks = tok0 + offs_l.to(tl.int64)
+        sim = _tile_similarities(
+            q_tile, q_rows, q_in, q_inv, d_ptr + toks[None, :] * sd_l, ds_ptr + toks, real, D, sq_k, sd_k,
+            BLOCK_Q, BLOCK_L, BLOCK_D, NORMALIZE, SINGLE_D, PREC, D_SCALED,
+        )  # fmt: skip
+        if left < BLOCK_L:  # a document's last tile, part real: the rest cannot win
+            sim = tl.where(real[None, :], sim, float("-inf"))
+        best = _nanmax(best, _row_nanmax(sim))
+        row_best = best
+        if Q_SCALED and not NORMALIZE:
+            row_best = best * q_inv
+        total = tl.sum(tl.reshape(tl.where(q_in, row_best, 0.0), [QPACK, SLOTS]), 1)
+        last = tl.zeros([QPACK], tl.int32) + left <= BLOCK_L  # a vector (the interpreter's masks need one)
+        tl.store(out + first_doc + j, total, mask=query_ok & last)
+        best = tl.where(left <= BLOCK_L, float("-inf"), best)
 
 
 @triton.jit
@@ -48,16 +112,17 @@ def _maxsim_varlen_kernel(
     qb = pid % n_qb
     rest = pid // n_qb
     split = rest % n_split
-    pair = rest // n_split  # all pairs: query (group) * document blocks + block of DOCS documents
+    pair = rest // n_split  # all pairs: query (group) * document runs + run of DOCS documents
     SLOTS: tl.constexpr = BLOCK_Q // QPACK
     r = tl.arange(0, BLOCK_Q)
     if LISTED:  # DOCS == 1
         qi = tl.load(qid_ptr + pair).to(tl.int64)
-        first_doc = tl.load(did_ptr + pair).to(tl.int64)
+        di = tl.load(did_ptr + pair).to(tl.int64)
     else:
-        n_doc_blocks = (Nd + DOCS - 1) // DOCS
-        qi = (pair // n_doc_blocks).to(tl.int64) * QPACK
-        first_doc = (pair % n_doc_blocks).to(tl.int64) * DOCS
+        n_runs = (Nd + DOCS - 1) // DOCS
+        qi = (pair // n_runs).to(tl.int64) * QPACK
+        di = (pair % n_runs).to(tl.int64) * DOCS
+    first_query = qi
     query_ok = None
     if QPACK > 1:  # all pairs only: row r holds token r % SLOTS of query qi + r // SLOTS
         qi = qi + r // SLOTS
@@ -74,31 +139,47 @@ def _maxsim_varlen_kernel(
     if Q_SCALED and not NORMALIZE:  # the rows' scales (with NORMALIZE they cancel: the codes' norms serve)
         q_inv = tl.load(qs_ptr + q_start + offs_q.to(tl.int64), mask=q_in, other=1.0)
 
-    for j in range(DOCS):  # the query tile stays in registers for DOCS documents
-        di = first_doc + j
-        if di < Nd:
-            d_start = tl.load(cu_d_ptr + di).to(tl.int64)
-            ld = (tl.load(cu_d_ptr + di + 1).to(tl.int64) - d_start).to(tl.int32)
-            l_lo = split * split_len
-            l_hi = tl.minimum(l_lo + split_len, ld)
-            if QPACK == 1:
-                l_hi = tl.where(qb * BLOCK_Q < lq, l_hi, l_lo)  # a query block past the query reads nothing
-            best, best_idx = _doc_best(
-                q_tile, q_rows, q_in, q_inv, d_ptr + d_start * sd_l, d_ptr, ds_ptr + d_start, l_lo, l_hi, D,
-                sq_k, sd_l, sd_k, 0, BLOCK_Q, BLOCK_L, BLOCK_D, False, NORMALIZE, ARGMAX, SINGLE_D, PREC,
-                LANE_MAX, D_SCALED, Q_SCALED,
-            )  # fmt: skip
-            if LISTED:
-                row = pair.to(tl.int64)
-            else:
-                row = qi * Nd + di
-            _write_best(
-                best, best_idx, q_in, offs_q, row, split, R, score_ptr, argmax_ptr, pmax_ptr, pidx_ptr,
-                qb, MAX_LQ, ARGMAX, PARTIAL, QPACK, query_ok,
-            )  # fmt: skip
+    if DOCS > 1:  # all pairs, one launch, no argmax
+        _score_run_of_docs(
+            q_tile, q_rows, q_in, q_inv, first_query, di, d_ptr, ds_ptr, cu_d_ptr, score_ptr, Nd, R, D, qb,
+            sq_k, sd_l, sd_k, BLOCK_Q, BLOCK_L, BLOCK_D, NORMALIZE, SINGLE_D, PREC, D_SCALED, Q_SCALED,
+            QPACK, DOCS,
+        )  # fmt: skip
+    else:
+        d_start = tl.load(cu_d_ptr + di).to(tl.int64)
+        ld = (tl.load(cu_d_ptr + di + 1).to(tl.int64) - d_start).to(tl.int32)
+        l_lo = split * split_len
+        l_hi = tl.minimum(l_lo + split_len, ld)
+        if QPACK == 1:
+            l_hi = tl.where(qb * BLOCK_Q < lq, l_hi, l_lo)  # a query block past the query reads nothing
+        best, best_idx = _doc_best(
+            q_tile, q_rows, q_in, q_inv, d_ptr + d_start * sd_l, d_ptr, ds_ptr + d_start, l_lo, l_hi, D,
+            sq_k, sd_l, sd_k, 0, BLOCK_Q, BLOCK_L, BLOCK_D, False, NORMALIZE, ARGMAX, SINGLE_D, PREC,
+            LANE_MAX, D_SCALED, Q_SCALED,
+        )  # fmt: skip
+        if LISTED:
+            row = pair.to(tl.int64)
+        else:
+            row = qi * Nd + di
+        _write_best(
+            best, best_idx, q_in, offs_q, row, split, R, score_ptr, argmax_ptr, pmax_ptr, pidx_ptr,
+            qb, MAX_LQ, ARGMAX, PARTIAL, QPACK, query_ok,
+        )  # fmt: skip
 
 
 _VARLEN = Launcher(_maxsim_varlen_kernel, INTERPRETED.value)
+
+RUN_WAVES = 8  # runs of documents keep at least this many programs per multiprocessor
+
+
+def run_length(docs: int, groups: int, nd: int, sms: int) -> int:
+    """Documents per program of an all-pairs launch: the config's ``docs`` (down to a power of two), halved
+    while ``groups`` query groups times the runs of ``nd`` documents would give fewer than ``RUN_WAVES``
+    programs per multiprocessor (a long run saves loads of the query tile; many programs balance the GPU)."""
+    docs = 1 << (max(docs, 1).bit_length() - 1)
+    while docs > 1 and groups * cdiv(nd, docs) < RUN_WAVES * sms:
+        docs //= 2
+    return docs
 
 
 def maxsim_varlen_fwd(
@@ -152,9 +233,10 @@ def maxsim_varlen_fwd(
     if q_scales is not None:  # the int8 / float8 tensor cores multiply 32 columns at a time
         block_d = max(block_d, 32)
     n_qb = cdiv(max_lq, block_q // qpack)
-    docs = 1 if listed else cfg.docs
+    sms = device_info(q.device)[1]
+    docs = 1 if listed or return_argmax or n_split is not None else run_length(cfg.docs, cdiv(nq, qpack) * n_qb, nd, sms)
     programs = R * n_qb if listed else cdiv(nq, qpack) * cdiv(nd, docs) * n_qb
-    n_split, split_len = plan_split(programs, max_ld, block_l, cfg, device_info(q.device)[1], forced=n_split)
+    n_split, split_len = plan_split(programs, max_ld, block_l, cfg, sms, forced=n_split if docs == 1 else 1)
     partial = n_split > 1
     score_out, pmax, pidx = partial_outputs(scores, argmax, R, max_lq, n_split, n_qb)
     with launch_device(q.device):
