@@ -163,7 +163,6 @@ def _doc_best(
     its row maxima and merged into a running ``[BLOCK_Q]`` (fewer live registers: the FLOP-bound shapes).
     """
     offs_l = tl.arange(0, BLOCK_L)
-    offs_k = tl.arange(0, BLOCK_D)
     if LANE_MAX:
         run = tl.full([BLOCK_Q, BLOCK_L], float("-inf"), tl.float32)
         run_idx = tl.full([BLOCK_Q, BLOCK_L], -1, tl.int32)
