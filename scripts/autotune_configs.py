@@ -39,10 +39,13 @@ PROBLEMS = {
     "mid": [("Mid", "padded", dict(P=1, Qn=1, Dn=2000, Lq=128, Ld=256, D=128))],
     "flops": [("ColPali", "padded", dict(P=1, Qn=1, Dn=1000, Lq=1024, Ld=1024, D=128))],
     "rerank-wide": [("Wide", "padded", dict(P=16, Qn=1, Dn=50, Lq=32, Ld=300, D=1024))],
-    # issue 6's search with int8 / e4m3 codes for queries and documents (run with --dtype float8_e4m3fn)
-    "rerank-q8": [("SearchOneQuery", "varlen", dict(Nd=100000, Lq=32, lo=128, hi=300, D=128))],
-    "packed-q8": [("Search32", "varlen", dict(Nd=20000, Nq=32, Lq=32, lo=128, hi=300, D=128))],
+    # issue 6's search: 32 queries (16-bit), and with int8 / e4m3 codes for queries and documents
+    "packed": [("Search32", "varlen", dict(Nd=20000, Nq=32, Lq=32, lo=128, hi=300, D=128))],
 }
+for codes in ("i8", "f8"):  # the class names its dtype: int8 / float8_e4m3fn, whatever --dtype says
+    PROBLEMS[f"rerank-{codes}"] = [("SearchOneQuery", "varlen", dict(Nd=100000, Lq=32, lo=128, hi=300, D=128))]
+    PROBLEMS[f"packed-{codes}"] = PROBLEMS["packed"]
+CLASS_DTYPES = {"i8": torch.int8, "f8": torch.float8_e4m3fn}
 
 # the fields each class tunes, most promising first (the budget may stop the descent early)
 CHOICES = {
@@ -67,20 +70,24 @@ CHOICES = {
 }
 CHOICES["mid"] = CHOICES["flops"]
 CHOICES["rerank-wide"] = CHOICES["rerank"]
-CHOICES["rerank-q8"] = {
-    "block_l": [64, 128, 256],
-    "num_stages": [2, 3, 4, 5],
+CHOICES["packed"] = {
+    "doc_run": [1, 8, 32],
     "num_warps": [4, 8],
-    "lane_max": [True, False],
-    "block_q": [32, 64],
-}
-CHOICES["packed-q8"] = {
-    "block_l": [64, 128, 256],
-    "num_stages": [2, 3, 4, 5],
-    "num_warps": [4, 8],
+    "block_l": [32, 64, 128],
+    "num_stages": [2, 3, 4],
     "block_q": [128, 256],
     "lane_max": [False, True],
 }
+for codes in ("i8", "f8"):
+    CHOICES[f"rerank-{codes}"] = {
+        "doc_run": [1, 8, 32],
+        "block_l": [64, 128, 256],
+        "num_stages": [2, 3, 4, 5],
+        "num_warps": [4, 8],
+        "lane_max": [True, False],
+        "block_q": [32, 64],
+    }
+    CHOICES[f"packed-{codes}"] = CHOICES["packed"]
 
 
 def build(kind, sizes, dtype, device):
@@ -182,7 +189,8 @@ def main():
     t0 = time.time()
     for i, cls in enumerate(classes):
         deadline = t0 + args.budget * (i + 1) / len(classes)
-        table[(arch, cls)] = tune(cls, dtype, device, deadline, log)
+        cls_dtype = CLASS_DTYPES.get(cls.rpartition("-")[2], dtype)
+        table[(arch, cls)] = tune(cls, cls_dtype, device, deadline, log)
     print("# BEGIN TABLE")
     print("TABLE: dict[tuple[str, str], FwdConfig] = {")
     for (a, c), cfg in sorted(table.items()):

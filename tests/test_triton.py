@@ -376,7 +376,7 @@ def _varlen_naive(q, cu_q, d, cu_d, pairs, normalize):
 
 
 # runs of documents (all pairs without argmax): 4 documents per program in one tile loop
-RUN = configs.FwdConfig(block_q=64, block_l=16, block_d=16, docs=4, num_warps=4, num_stages=1, lane_max=False)
+RUN = configs.FwdConfig(block_q=64, block_l=16, block_d=16, num_warps=4, num_stages=1, lane_max=False, doc_run=4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -621,8 +621,8 @@ def test_config_table_is_deterministic():
     assert configs.shape_class(32, 128, torch.float16) == "rerank"
     assert configs.shape_class(1024, 128, torch.bfloat16) == "flops"
     assert configs.shape_class(100, 1024, torch.float32) == "mid-wide-f32"
-    assert configs.shape_class(32, 128, torch.int8) == "rerank-q8"
-    assert configs.shape_class(32, 128, torch.float8_e4m3fn, queries=32) == "packed-q8"
+    assert configs.shape_class(32, 128, torch.int8) == "rerank-i8"
+    assert configs.shape_class(32, 128, torch.float8_e4m3fn, queries=32) == "packed-f8"
     for cfg in configs.TABLE.values():
         for block in (cfg.block_q, cfg.block_l, cfg.block_d):
             assert block >= 16 and block & (block - 1) == 0

@@ -19,7 +19,7 @@ Shape classes (``shape_class``):
 each with a ``-f32`` variant for float32 inputs (twice the bytes per element: smaller tiles) and a ``-wide``
 variant for ``D > 256`` (the query tile no longer stays in registers); queries quantized to int8 / float8
 codes (``Index.search`` on int8 / e4m3 storage: one byte per element, the int8 / float8 tensor cores) have
-``rerank-q8`` and ``packed-q8``.
+``-i8`` / ``-f8`` variants of ``rerank`` and ``packed`` (the two tensor-core paths tune differently).
 """
 
 from __future__ import annotations
@@ -39,13 +39,15 @@ class FwdConfig:
         block_l: document tokens per tile (power of two >= 16).
         block_d: embedding columns per tile (power of two >= 16); ``D <= block_d`` keeps the query tile
             in registers for the whole document.
-        docs: documents per program (the query tile is loaded once for all of them).
+        docs: documents per program of the padded kernel (the query tile is loaded once for all of them).
         num_warps, num_stages: Triton launch options.
         split_waves: split the document axis when the grid has fewer than ``split_waves`` programs per
             multiprocessor.
         min_split_tiles: each split covers at least this many ``block_l`` tiles.
         lane_max: keep the running maximum elementwise over the tile and reduce once per document (best
             when bytes-bound); False reduces every tile (fewer registers: best for large FLOP-bound tiles).
+        doc_run: documents per program of a varlen all-pairs launch without argmax, in one tile loop
+            across them (a power of two; ``varlen.run_length`` shortens it for small launches).
     """
 
     block_q: int = 64
@@ -57,6 +59,7 @@ class FwdConfig:
     split_waves: float = 2.0
     min_split_tiles: int = 2
     lane_max: bool = True
+    doc_run: int = 1
 
 
 DEFAULT = FwdConfig()
@@ -71,23 +74,32 @@ DEFAULT = FwdConfig()
 # "packed" against 6 other candidates on issue 6's search (Index.search, float16, 32 queries of 32 tokens,
 # 100k documents; do_bench, H100, 2026-11-25): 15.8 ms as in the table, 15.9 with 4 warps, 17.2 with
 # block_l 32, 19.2 with 4 stages, 20-27 with block_l 128 or block_q 128.
+# doc_run (varlen all pairs without argmax) on the same search, kernel only (do_bench median, L2 flushed,
+# H100, 2026-12-05, 0eda28e): packed float16 15.3 ms with runs of 1, 14.1 of 8, 13.8 of 32 (17.9 with
+# block_l 32, 15.8 block_l 128, 13.9 4 warps, 16.4 4 stages); one query ("rerank") 1.73 ms with 1,
+# 1.78-1.94 with runs: kept at 1. Codes (queries quantized, e4m3 / int8): packed 34.0 / 14.7 ms as
+# "packed", 15.0 / 19.4 with runs of 32 and 4 warps, 20-50 / 22-36 otherwise: the two tensor-core paths
+# want different rows ("-f8", "-i8"); one query 1.38 / 0.96 as "rerank", 1.34 / 0.98 with runs of 32 and
+# block_l 128.
 # BEGIN TABLE
 TABLE: dict[tuple[str, str], FwdConfig] = {
-    ("sm_90", "flops"): FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2, False),
-    ("sm_90", "flops-f32"): FwdConfig(64, 64, 64, 1, 4, 2, 1.0, 2, False),
-    ("sm_90", "flops-wide"): FwdConfig(128, 64, 128, 1, 8, 3, 1.0, 2, False),
-    ("sm_90", "flops-wide-f32"): FwdConfig(64, 64, 64, 1, 4, 2, 1.0, 2, False),
-    ("sm_90", "mid"): FwdConfig(64, 64, 128, 1, 4, 3, 2.0, 2, True),
-    ("sm_90", "mid-f32"): FwdConfig(64, 64, 64, 1, 4, 2, 2.0, 2, True),
-    ("sm_90", "mid-wide"): FwdConfig(64, 64, 128, 1, 4, 3, 2.0, 2, True),
-    ("sm_90", "mid-wide-f32"): FwdConfig(64, 64, 64, 1, 4, 2, 2.0, 2, True),
-    ("sm_90", "packed"): FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2, False),
-    ("sm_90", "packed-q8"): FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2, False),
-    ("sm_90", "rerank"): FwdConfig(64, 64, 128, 1, 4, 3, 0.5, 2, True),
-    ("sm_90", "rerank-q8"): FwdConfig(64, 64, 128, 1, 4, 3, 0.5, 2, True),
-    ("sm_90", "rerank-f32"): FwdConfig(32, 64, 64, 1, 4, 2, 2.0, 2, True),
-    ("sm_90", "rerank-wide"): FwdConfig(32, 64, 128, 1, 4, 3, 2.0, 2, True),
-    ("sm_90", "rerank-wide-f32"): FwdConfig(32, 64, 64, 1, 4, 2, 2.0, 2, True),
+    ("sm_90", "flops"): FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2, False, 1),
+    ("sm_90", "flops-f32"): FwdConfig(64, 64, 64, 1, 4, 2, 1.0, 2, False, 1),
+    ("sm_90", "flops-wide"): FwdConfig(128, 64, 128, 1, 8, 3, 1.0, 2, False, 1),
+    ("sm_90", "flops-wide-f32"): FwdConfig(64, 64, 64, 1, 4, 2, 1.0, 2, False, 1),
+    ("sm_90", "mid"): FwdConfig(64, 64, 128, 1, 4, 3, 2.0, 2, True, 1),
+    ("sm_90", "mid-f32"): FwdConfig(64, 64, 64, 1, 4, 2, 2.0, 2, True, 1),
+    ("sm_90", "mid-wide"): FwdConfig(64, 64, 128, 1, 4, 3, 2.0, 2, True, 1),
+    ("sm_90", "mid-wide-f32"): FwdConfig(64, 64, 64, 1, 4, 2, 2.0, 2, True, 1),
+    ("sm_90", "packed"): FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2, False, 32),
+    ("sm_90", "packed-f8"): FwdConfig(256, 64, 128, 1, 4, 3, 1.0, 2, False, 32),
+    ("sm_90", "packed-i8"): FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2, False, 1),
+    ("sm_90", "rerank"): FwdConfig(64, 64, 128, 1, 4, 3, 0.5, 2, True, 1),
+    ("sm_90", "rerank-f8"): FwdConfig(64, 128, 128, 1, 4, 3, 0.5, 2, True, 32),
+    ("sm_90", "rerank-i8"): FwdConfig(64, 64, 128, 1, 4, 3, 0.5, 2, True, 1),
+    ("sm_90", "rerank-f32"): FwdConfig(32, 64, 64, 1, 4, 2, 2.0, 2, True, 1),
+    ("sm_90", "rerank-wide"): FwdConfig(32, 64, 128, 1, 4, 3, 2.0, 2, True, 1),
+    ("sm_90", "rerank-wide-f32"): FwdConfig(32, 64, 64, 1, 4, 2, 2.0, 2, True, 1),
 }
 # END TABLE
 
@@ -104,7 +116,7 @@ def shape_class(lq: int, dim: int, dtype: torch.dtype, queries: int = 1) -> str:
     if dtype == torch.float32:
         name += "-f32"
     elif dtype.itemsize == 1 and name in ("rerank", "packed"):
-        name += "-q8"
+        name += "-i8" if dtype == torch.int8 else "-f8"
     return name
 
 

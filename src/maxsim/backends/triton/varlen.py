@@ -1,13 +1,14 @@
 """Varlen forward kernels: packed ``q [Tq, D]`` / ``d [Td, D]`` with ``cu_seqlens``, all or listed pairs.
 
 A program scores one block of ``BLOCK_Q`` tokens of one query (all pairs of short queries: ``QPACK`` whole
-queries, as in ``forward.py``) against one document (or one split of its tokens) of a pair (all pairs:
-``DOCS`` consecutive documents, the query tile loaded once); it reads only the real tokens of both (the tile loop stops at the document's own
-length). The tile loop, the tie and NaN rules and the deterministic combination of splits are those of
-``forward.py``. Documents may be quantized (``D_SCALED``): int8 or float8 e4m3 codes with a float32 scale
-per token, widened to the query's 16-bit dtype in registers (nothing dequantized into memory). Queries may be
-quantized too (``Q_SCALED``: codes of the documents' dtype with a scale per token), and then the tiles are
-multiplied on the int8 / float8 tensor cores as they are.
+queries, as in ``forward.py``) against one document (or one split of its tokens) of a pair; it reads only
+the real tokens of both (the tile loop stops at the document's own length). The tile loop, the tie and NaN
+rules and the deterministic combination of splits are those of ``forward.py``. All pairs without argmax
+take a run of ``DOCS`` consecutive documents per program instead, in one tile loop across them
+(``_score_run_of_docs``). Documents may be quantized (``D_SCALED``): int8 or float8 e4m3 codes with a
+float32 scale per token, widened to the query's 16-bit dtype in registers (nothing dequantized into
+memory). Queries may be quantized too (``Q_SCALED``: codes of the documents' dtype with a scale per
+token), and then the tiles are multiplied on the int8 / float8 tensor cores as they are.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ RUN_WAVES = 8  # runs of documents keep at least this many programs per multipro
 
 
 def run_length(docs: int, groups: int, nd: int, sms: int) -> int:
-    """Documents per program of an all-pairs launch: the config's ``docs`` (down to a power of two), halved
+    """Documents per program of an all-pairs launch: the config's ``doc_run`` (down to a power of two), halved
     while ``groups`` query groups times the runs of ``nd`` documents would give fewer than ``RUN_WAVES``
     programs per multiprocessor (a long run saves loads of the query tile; many programs balance the GPU)."""
     docs = 1 << (max(docs, 1).bit_length() - 1)
@@ -234,7 +235,10 @@ def maxsim_varlen_fwd(
         block_d = max(block_d, 32)
     n_qb = cdiv(max_lq, block_q // qpack)
     sms = device_info(q.device)[1]
-    docs = 1 if listed or return_argmax or n_split is not None else run_length(cfg.docs, cdiv(nq, qpack) * n_qb, nd, sms)
+    docs = 1
+    if not (listed or return_argmax or n_split is not None or (d_scales is not None and q_scales is None)):
+        # (codes widened to 16 bits measured 2-3x slower in a run: 42 against 15-20 ms, H100)
+        docs = run_length(cfg.doc_run, cdiv(nq, qpack) * n_qb, nd, sms)
     programs = R * n_qb if listed else cdiv(nq, qpack) * cdiv(nd, docs) * n_qb
     n_split, split_len = plan_split(programs, max_ld, block_l, cfg, sms, forced=n_split if docs == 1 else 1)
     partial = n_split > 1
