@@ -102,8 +102,8 @@ def _tile_similarities(
         )
         if D_SCALED:
             d_tile = d_tile.to(q_tile.dtype)
-        if q_tile.dtype.is_fp8():  # float32 sums every 64 products (sm_90 default: ~14 bits kept)
-            acc = tl.dot(q_tile, d_tile, max_num_imprecise_acc=64)
+        if q_tile.dtype.is_fp8():  # float32 sums every 32 products (sm_90 default: ~14 bits kept)
+            acc = tl.dot(q_tile, d_tile, max_num_imprecise_acc=32)
         else:
             acc = tl.dot(q_tile, d_tile, input_precision=PREC)
         if NORMALIZE:
@@ -122,7 +122,7 @@ def _tile_similarities(
             if D_SCALED:
                 dt = dt.to(qt.dtype)
             if qt.dtype.is_fp8():
-                acc = tl.dot(qt, dt, acc, max_num_imprecise_acc=64)
+                acc = tl.dot(qt, dt, acc, max_num_imprecise_acc=32)
             else:
                 acc = tl.dot(qt, dt, acc, input_precision=PREC, out_dtype=acc.dtype)
             if NORMALIZE:
