@@ -194,12 +194,12 @@ def _doc_best(
             tile_max = _row_nanmax(sim)
             if ARGMAX:  # as few operations per similarity as can be: they cost as much as the dot
                 real_offs = tl.where(real, offs, BIG)  # per column: a masked token never wins
-                # without a NaN in its row, sim >= tile_max holds exactly where sim is the row's maximum
-                tile_idx = tl.min(tl.where(sim >= tile_max[:, None], real_offs[None, :], BIG), 1)
+                # a row without a NaN: sim >= tile_max exactly at its maximum; a row with one: tile_max is
+                # NaN, so only its NaNs match (no branch on a NaN anywhere in the block: that reduction
+                # across warps, every tile, cost more than the two operations per similarity)
+                hit = (sim >= tile_max[:, None]) | (sim != sim)
+                tile_idx = tl.min(tl.where(hit, real_offs[None, :], BIG), 1)
                 tile_nan = tile_max != tile_max
-                if tl.max(tile_nan.to(tl.int32), 0) > 0:  # rare: a NaN row takes its first NaN
-                    first_nan = tl.min(tl.where(sim != sim, real_offs[None, :], BIG), 1)
-                    tile_idx = tl.where(tile_nan, first_nan, tile_idx)
                 take = (tile_idx < BIG) & ((best_idx < 0) | (tile_max > best) | (tile_nan & (best == best)))
                 best = tl.where(take, tile_max, best)
                 best_idx = tl.where(take, tile_idx, best_idx)
