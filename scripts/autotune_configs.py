@@ -71,7 +71,7 @@ CHOICES = {
 CHOICES["mid"] = CHOICES["flops"]
 CHOICES["rerank-wide"] = CHOICES["rerank"]
 CHOICES["packed"] = {
-    "doc_run": [1, 8, 32],
+    "doc_run": [1, 8, 16, 32],
     "num_warps": [4, 8],
     "block_l": [32, 64, 128],
     "num_stages": [2, 3, 4],
@@ -80,7 +80,7 @@ CHOICES["packed"] = {
 }
 for codes in ("i8", "f8"):
     CHOICES[f"rerank-{codes}"] = {
-        "doc_run": [1, 8, 32],
+        "doc_run": [1, 8, 16, 32],
         "block_l": [64, 128, 256],
         "num_stages": [2, 3, 4, 5],
         "num_warps": [4, 8],

@@ -794,7 +794,13 @@ def test_index_search_reads_quantized_tokens(qdtype, quantize_queries, monkeypat
     assert torch.equal(got.cpu(), ids[order.indices[:, :6]])
     assert_scores_close(scores, order.values[:, :6], dtype=qdtype if quantize_queries is None else torch.float32)
     one_scores, one_ids = index.search(q[0].to(DEVICE), 6, quantize_queries=quantize_queries)
-    assert torch.equal(one_ids, got[0]) and torch.equal(one_scores, scores[0])
+    assert torch.equal(one_ids, got[0])
+    if qdtype == torch.float8_e4m3fn and quantize_queries is None and DEVICE == "cuda":
+        # float8 codes times codes: the tensor cores' sums differ in the last bits between one query's launch
+        # and three queries' (other tile shapes; 4e-5 relative measured on an H100)
+        assert_scores_close(one_scores, scores[0], dtype=qdtype)
+    else:
+        assert torch.equal(one_scores, scores[0])
 
 
 def test_quantized_bad_input():
