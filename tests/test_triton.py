@@ -265,6 +265,7 @@ def test_nan_inf_and_masked_garbage(dtype, n_split, cfg):
     d_mask = torch.ones(1, 5, 40, dtype=torch.bool)
     d[0, 0, 7, 0] = float("nan")  # doc 0: NaN at token 7 (and 30): the first NaN wins
     d[0, 0, 30, 0] = float("nan")
+    d[0, 3, 21, 0] = float("nan")  # doc 3: a NaN after whole tiles without one (a row's maximum set before)
     d[0, 1, 5] = float("nan")  # doc 1: NaN only in masked tokens: ignored
     d[0, 1, 33] = float("inf")
     d_mask[0, 1, [5, 33]] = False
@@ -279,6 +280,7 @@ def test_nan_inf_and_masked_garbage(dtype, n_split, cfg):
     )
     check(scores, argmax, q[:, :, None], d[:, None], d_mask=d_mask[:, None], exact_argmax=True)
     assert argmax[0, 0, 0, [0, 2, 3]].tolist() == [7, 7, 7]  # (token 1's inf * 0 is NaN already at 0)
+    assert argmax[0, 0, 3, [0, 2, 3]].tolist() == [21, 21, 21]
     assert argmax[0, 0, 2, 1].item() == 3
 
 

@@ -140,6 +140,26 @@ def _tile_similarities(
 
 
 @triton.jit
+def _doc_tile(
+    q_tile, q_rows, q_in, q_inv, d_base, dm_base, ds_base, l0, l_hi, D, sq_k, sd_l, sd_k, sdm_l,
+    BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DMASK: tl.constexpr,
+    NORMALIZE: tl.constexpr, SINGLE_D: tl.constexpr, PREC: tl.constexpr, D_SCALED: tl.constexpr,
+):  # fmt: skip
+    """The similarities ``[BLOCK_Q, BLOCK_L]`` with document tokens ``l0 .. l0 + BLOCK_L - 1``, which of them
+    are real (below ``l_hi`` and in the mask) and their indices."""
+    offs = l0 + tl.arange(0, BLOCK_L)
+    real = offs < l_hi
+    if HAS_DMASK:
+        dm = tl.load(dm_base + offs.to(tl.int64) * sdm_l, mask=real, other=0)
+        real = real & (dm != 0)
+    acc = _tile_similarities(
+        q_tile, q_rows, q_in, q_inv, d_base + offs.to(tl.int64)[None, :] * sd_l, ds_base + offs.to(tl.int64),
+        real, D, sq_k, sd_k, BLOCK_Q, BLOCK_L, BLOCK_D, NORMALIZE, SINGLE_D, PREC, D_SCALED,
+    )  # fmt: skip
+    return acc, real, offs
+
+
+@triton.jit
 def _doc_best(
     q_tile, q_rows, q_in, q_inv, d_base, dm_base, ds_base, l_lo, l_hi, D, sq_k, sd_l, sd_k, sdm_l,
     BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DMASK: tl.constexpr,
@@ -160,23 +180,20 @@ def _doc_best(
     LANE_MAX: the running maximum is kept elementwise over a ``[BLOCK_Q, BLOCK_L]`` tile (each column lane
     sees the tiles in token order, a strict ``>`` keeps its first winner) and reduced across lanes once at
     the end: no cross-lane reduction per tile (the bytes-bound shapes). Otherwise each tile is reduced to
-    its row maxima and merged into a running ``[BLOCK_Q]`` (fewer live registers: the FLOP-bound shapes).
+    its row maxima and merged into a running ``[BLOCK_Q]`` (fewer live registers: the FLOP-bound shapes);
+    with ARGMAX, a row whose maximum is NaN learns where its first NaN is in a second pass over the tiles,
+    taken only by a program that met one (NaN tests would cost the common case two operations per
+    similarity).
     """
-    offs_l = tl.arange(0, BLOCK_L)
     if LANE_MAX:
         run = tl.full([BLOCK_Q, BLOCK_L], float("-inf"), tl.float32)
         run_idx = tl.full([BLOCK_Q, BLOCK_L], -1, tl.int32)
     best = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     best_idx = tl.full([BLOCK_Q], -1, tl.int32)
     for l0 in range(l_lo, l_hi, BLOCK_L):
-        offs = l0 + offs_l
-        real = offs < l_hi
-        if HAS_DMASK:
-            dm = tl.load(dm_base + offs.to(tl.int64) * sdm_l, mask=real, other=0)
-            real = real & (dm != 0)
-        acc = _tile_similarities(
-            q_tile, q_rows, q_in, q_inv, d_base + offs.to(tl.int64)[None, :] * sd_l, ds_base + offs.to(tl.int64),
-            real, D, sq_k, sd_k, BLOCK_Q, BLOCK_L, BLOCK_D, NORMALIZE, SINGLE_D, PREC, D_SCALED,
+        acc, real, offs = _doc_tile(
+            q_tile, q_rows, q_in, q_inv, d_base, dm_base, ds_base, l0, l_hi, D, sq_k, sd_l, sd_k, sdm_l,
+            BLOCK_Q, BLOCK_L, BLOCK_D, HAS_DMASK, NORMALIZE, SINGLE_D, PREC, D_SCALED,
         )  # fmt: skip
         if LANE_MAX:
             if ARGMAX:
@@ -194,13 +211,13 @@ def _doc_best(
             tile_max = _row_nanmax(sim)
             if ARGMAX:  # as few operations per similarity as can be: they cost as much as the dot
                 real_offs = tl.where(real, offs, BIG)  # per column: a masked token never wins
-                # a row without a NaN: sim >= tile_max exactly at its maximum; a row with one: tile_max is
-                # NaN, so only its NaNs match (no branch on a NaN anywhere in the block: that reduction
-                # across warps, every tile, cost more than the two operations per similarity)
-                hit = (sim >= tile_max[:, None]) | (sim != sim)
-                tile_idx = tl.min(tl.where(hit, real_offs[None, :], BIG), 1)
+                # sim >= tile_max holds exactly at the row's maximum (nowhere in a row with a NaN: tile_idx
+                # stays BIG there, and the row's first NaN is found after the loop)
+                tile_idx = tl.min(tl.where(sim >= tile_max[:, None], real_offs[None, :], BIG), 1)
                 tile_nan = tile_max != tile_max
-                take = (tile_idx < BIG) & ((best_idx < 0) | (tile_max > best) | (tile_nan & (best == best)))
+                take = ((tile_idx < BIG) | tile_nan) & (
+                    (best_idx < 0) | (tile_max > best) | (tile_nan & (best == best))
+                )
                 best = tl.where(take, tile_max, best)
                 best_idx = tl.where(take, tile_idx, best_idx)
             else:
@@ -212,6 +229,18 @@ def _doc_best(
             hit = (run_idx >= 0) & ((run == best[:, None]) | ((run != run) & best_nan[:, None]))
             first = tl.min(tl.where(hit, run_idx, BIG), 1)
             best_idx = tl.where(first < BIG, first, -1)
+    elif ARGMAX:
+        best_nan = best != best
+        if tl.max(best_nan.to(tl.int32), 0) > 0:  # rare: a second pass finds each NaN row's first NaN
+            first_nan = tl.full([BLOCK_Q], BIG, tl.int32)
+            for l0 in range(l_lo, l_hi, BLOCK_L):
+                acc, real, offs = _doc_tile(
+                    q_tile, q_rows, q_in, q_inv, d_base, dm_base, ds_base, l0, l_hi, D, sq_k, sd_l, sd_k,
+                    sdm_l, BLOCK_Q, BLOCK_L, BLOCK_D, HAS_DMASK, NORMALIZE, SINGLE_D, PREC, D_SCALED,
+                )  # fmt: skip
+                nan_offs = tl.where(real[None, :] & (acc != acc), offs[None, :], BIG)
+                first_nan = tl.minimum(first_nan, tl.min(nan_offs, 1))
+            best_idx = tl.where(best_nan, first_nan, best_idx)
     if Q_SCALED and not NORMALIZE:  # a positive (or NaN) scale per row: the max of the scaled is the scaled max
         best = best * q_inv
     return best, best_idx
