@@ -52,9 +52,12 @@ def merge_topk(
         ``(scores, ids)`` ``[Nq, min(k, m + c)]``, best first, equal scores by lower id.
     """
     # Among equal scores the concatenation is in id order (kept ones first, all with lower ids), and a
-    # stable sort keeps that order.
-    all_scores = torch.cat([best_scores, scores], dim=1)
-    all_ids = torch.cat([best_ids, ids.expand_as(scores)], dim=1)
+    # stable sort keeps that order. The first chunk (nothing kept) is used as it is: no copies.
+    if best_scores.shape[1] == 0:
+        all_scores, all_ids = scores, ids.expand_as(scores)
+    else:
+        all_scores = torch.cat([best_scores, scores], dim=1)
+        all_ids = torch.cat([best_ids, ids.expand_as(scores)], dim=1)
     order = torch.sort(all_scores, dim=1, descending=True, stable=True).indices[:, :k]
     return all_scores.gather(1, order), all_ids.gather(1, order)
 
