@@ -31,6 +31,7 @@
 #     SKIP_BENCH=1 / SKIP_SEARCH=1 / SKIP_DIST=1   leave that step out
 #     SKIP_TESTS=1 run only the benchmarks
 #     PYTEST_ARGS  extra arguments for pytest (default: none)
+#     PYTEST_WORKERS  pytest-xdist workers where xdist imports (default 8)
 # MAXSIM_BACKEND is unset for both steps so every call gets the device's default backend.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -63,9 +64,15 @@ bench_rc=0
     "$PY" -m maxsim.cli info
 
     if [ "${SKIP_TESTS:-0}" != "1" ]; then
-        echo "== pytest (MAXSIM_BACKEND unset)"
+        # pytest-xdist (in the GPU image): 8 workers share the GPU; test_gpu.py + test_triton.py took 104 s
+        # so on an H100 against about 250 s in one process
+        workers=()
+        if "$PY" -c 'import xdist' 2>/dev/null; then
+            workers=(-n "${PYTEST_WORKERS:-8}" -p no:cacheprovider)
+        fi
+        echo "== pytest (MAXSIM_BACKEND unset) ${workers[*]}"
         # shellcheck disable=SC2086
-        "$PY" -m pytest tests -q ${PYTEST_ARGS:-}
+        "$PY" -m pytest tests -q "${workers[@]}" ${PYTEST_ARGS:-}
         tests_rc=$?
         echo "== pytest exit status $tests_rc"
     fi
