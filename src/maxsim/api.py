@@ -48,8 +48,6 @@ class _Layout:
         self.doc_in_order = self.paired + self.doc_only == sorted(self.paired + self.doc_only)
         kept = self.paired + self.query_only + self.doc_only
         self.result_in_order = kept == sorted(kept)
-        # Every view of the call is one reshape: a backend may take them inside its own autograd node.
-        self.reshapes_only = self.query_in_order and self.doc_in_order and self.result_in_order
         # Batch dims that already are [P, Qn] / [P, Dn] in that order (pairs, candidates, q[:, None] with
         # d[None]): no view at all.
         self.query_as_is = self.query_in_order and tuple(q_batch) == (self.sizes[0], self.sizes[1])
@@ -88,15 +86,6 @@ class _Layout:
         if self.doc_as_is:
             return x
         return self._canonical(x, self.d_batch, self.doc_only, tail, self.doc_in_order)
-
-    def reshapes(self, q: torch.Tensor, d: torch.Tensor) -> tuple[tuple, tuple, tuple]:
-        """Where ``reshapes_only``: ``(q_shape, d_shape, batch)``, the canonical ``[P, Qn, Lq, D]`` and
-        ``[P, Dn, Ld, D]`` that ``q`` and ``d`` reshape to, and the batch dims the scores reshape back to."""
-        return (
-            (self.sizes[0], self.sizes[1], *q.shape[-2:]),
-            (self.sizes[0], self.sizes[2], *d.shape[-2:]),
-            tuple(self.batch),
-        )
 
     def restore(self, x: torch.Tensor) -> torch.Tensor:
         """``[P, Qn, Dn, *trailing]`` back to ``[*batch, *trailing]``."""
@@ -205,20 +194,15 @@ def maxsim(
         d_mask = check.token_mask(d, d_mask, d_lengths, "d", check_values=validate, require_real=True)
     layout = _layout(tuple(q.shape[:-2]), tuple(d.shape[:-2]), batch)
     backend = get_backend(q.device)
-    q_mask = None if q_mask is None else layout.query(q_mask, 1)
-    d_mask = None if d_mask is None else layout.document(d_mask, 1)
-    d_lengths = None if d_lengths is None else layout.document(d_lengths, 0)
-    train = getattr(backend, "train_padded", None)
-    if train and layout.reshapes_only and torch.is_grad_enabled() and (q.requires_grad or d.requires_grad):
-        result = train(
-            q, d, layout.reshapes(q, d), q_mask, d_mask,
-            d_lengths=d_lengths, normalize=normalize, return_argmax=return_argmax,
-        )  # fmt: skip
-        if result is not None:
-            return result if return_argmax else result[0]
     q_canonical, d_canonical = layout.query(q, 2), layout.document(d, 2)
     scores, argmax = backend.maxsim_padded(
-        q_canonical, d_canonical, q_mask, d_mask, d_lengths=d_lengths, normalize=normalize, return_argmax=return_argmax
+        q_canonical,
+        d_canonical,
+        None if q_mask is None else layout.query(q_mask, 1),
+        None if d_mask is None else layout.document(d_mask, 1),
+        d_lengths=None if d_lengths is None else layout.document(d_lengths, 0),
+        normalize=normalize,
+        return_argmax=return_argmax,
     )
     if signature is not None and signature not in _PREPARED:
         prepare = getattr(backend, "prepare_padded", None)

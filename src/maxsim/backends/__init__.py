@@ -1,9 +1,5 @@
 """Backends: each offers ``maxsim_padded`` and ``maxsim_varlen`` with one signature (see torch_backend).
 
-A backend may also offer ``prepare_padded`` (a bound launch for repeat inference calls) and
-``train_padded`` (an eager training call on the caller's tensors, its views inside one autograd node);
-``maxsim.maxsim`` uses them where present (see the Triton backend).
-
 ``MAXSIM_BACKEND=torch|triton|reference`` forces one; otherwise the tensors' device decides.
 """
 

@@ -66,26 +66,8 @@ def maxsim_padded(q, d, q_mask, d_mask, *, d_lengths=None, normalize: bool, retu
         return maxsim_fwd(
             q, d, q_mask, d_mask, d_lengths=d_lengths, normalize=normalize, return_argmax=return_argmax
         )
-    if torch.compiler.is_compiling():
-        scores, argmax = torch.ops.maxsim.fwd_padded(q, d, q_mask, d_mask, d_lengths, normalize, return_argmax or grad)
-    else:  # eager training: the argmax is kept for the backward
-        reshapes = (q.shape, d.shape, (q.shape[0], q.shape[1], d.shape[1]))
-        scores, argmax = ops.PaddedFunction.apply(q, d, reshapes, q_mask, d_mask, d_lengths, normalize, False)
-    return scores, (argmax if return_argmax else None)
-
-
-def train_padded(q, d, reshapes, q_mask, d_mask, *, d_lengths, normalize: bool, return_argmax: bool):
-    """An eager training call on the caller's ``q [..., Lq, D]`` and ``d [..., Ld, D]``, whose canonical
-    forms are reshapes: ``reshapes = (q_shape, d_shape, batch)`` as ``ops.PaddedFunction`` takes them; masks
-    and lengths canonical as ``maxsim_padded`` takes them. One autograd node, with no view nodes around it.
-
-    Returns:
-        scores float32 ``[*batch]`` and int32 argmax ``[*batch, Lq]`` or None; or None where the kernels do
-        not take the call (``maxsim_padded`` serves it).
-    """
-    if not _kernels_run_on(q) or torch.compiler.is_compiling():
-        return None
-    scores, argmax = ops.PaddedFunction.apply(q, d, reshapes, q_mask, d_mask, d_lengths, normalize, return_argmax)
+    fwd = torch.ops.maxsim.fwd_padded if torch.compiler.is_compiling() else ops.PaddedFunction.apply
+    scores, argmax = fwd(q, d, q_mask, d_mask, d_lengths, normalize, return_argmax or grad)
     return scores, (argmax if return_argmax else None)
 
 

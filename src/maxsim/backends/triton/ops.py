@@ -230,46 +230,12 @@ def _eager_forward(forward, setup):
     return staticmethod(forward_with_ctx)
 
 
-_padded_eager_backward = _padded_autograd_backward(padded_forward, padded_backward)
-
-
-def _reshaped(x: Tensor, shape) -> Tensor:
-    """``x.reshape(shape)``, skipped where ``x`` has that shape already (a reshape costs ~2 µs of host)."""
-    return x if x.shape == shape else x.reshape(shape)
-
-
 class PaddedFunction(torch.autograd.Function):
-    """``maxsim::fwd_padded`` with its autograd, for eager training calls on the caller's ``q`` and ``d``:
-    ``apply(q, d, reshapes, q_mask, d_mask, d_lengths, normalize, return_argmax)``, where ``reshapes =
-    (q_shape, d_shape, batch)``: the op's ``q [P, Qn, Lq, D]`` and ``d [P, Dn, Ld, D]`` are ``q`` and ``d``
-    reshaped. Returns scores ``[*batch]`` and the argmax, always computed (the backward reads it): ``[*batch,
-    Lq]`` where ``return_argmax``, else as the op's ``[P, Qn, Dn, Lq]``. The views are taken inside this one
-    autograd node: each view outside it would be a node of its own, with its share of the backward's host
-    time."""
+    """``maxsim::fwd_padded`` with its autograd, for eager calls: ``apply(q, d, q_mask, d_mask, d_lengths,
+    normalize, return_argmax)`` returns ``(scores, argmax)`` as the op does."""
 
-    @staticmethod
-    def forward(ctx, q, d, reshapes, q_mask, d_mask, d_lengths, normalize, return_argmax):
-        q_shape, d_shape, batch = reshapes
-        q_op, d_op = _reshaped(q, q_shape), _reshaped(d, d_shape)
-        scores, argmax = padded_forward(q_op, d_op, q_mask, d_mask, d_lengths, normalize, True)
-        ctx.save_for_backward(q_op, d_op, argmax, q_mask, d_mask, d_lengths)
-        ctx.normalize = normalize
-        ctx.reshapes = (q.shape, d.shape, scores.shape)
-        ctx.set_materialize_grads(False)  # no zeros the size of the argmax for its (never used) gradient
-        if return_argmax:
-            argmax = _reshaped(argmax, (*batch, q_shape[2]))
-        ctx.mark_non_differentiable(argmax)
-        return _reshaped(scores, batch), argmax
-
-    @staticmethod
-    def backward(ctx, grad_scores, grad_argmax):
-        q_shape, d_shape, scores_shape = ctx.reshapes
-        if grad_scores is not None:
-            grad_scores = _reshaped(grad_scores, scores_shape)
-        dq, dd = _padded_eager_backward(ctx, grad_scores, grad_argmax)[:2]
-        dq = None if dq is None else _reshaped(dq, q_shape)
-        dd = None if dd is None else _reshaped(dd, d_shape)
-        return dq, dd, None, None, None, None, None, None
+    forward = _eager_forward(padded_forward, _padded_setup)
+    backward = staticmethod(_padded_autograd_backward(padded_forward, padded_backward))
 
 
 class VarlenFunction(torch.autograd.Function):
