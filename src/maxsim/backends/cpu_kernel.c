@@ -26,7 +26,7 @@
 
 #define LANES 16 /* query tokens per column group: two 8-float vectors */
 #define ROWS 6   /* document tokens per tile */
-#define PREFETCH_ROWS (2 * ROWS)
+#define PREFETCH_ROWS (4 * ROWS) /* float32 rows prefetched ahead of the tile (see score_document) */
 #define MAX_THREADS 256
 #define NORMALIZE_EPS 1e-12f
 #define BLOCK 512 /* document tokens scored by every query before the next ones (2 KiB a token at most) */
@@ -253,11 +253,17 @@ static AVX2_F16C void score_document(const Job *job, int64_t item, float *best, 
                 const float *rows[ROWS];
                 for (int r = 0; r < R; r++)
                     rows[r] = block + (t + r) * row_stride;
-                /* the tile after next: the hardware prefetchers miss 6 row streams that far apart
-                 * (prefetches beyond the block are harmless: they never fault) */
-                for (int r = 0; r < ROWS; r++)
-                    for (int64_t k = 0; k < D; k += 64 / sizeof(float))
-                        _mm_prefetch((const char *)(block + (t + PREFETCH_ROWS + r) * row_stride + k), _MM_HINT_T0);
+                /* Into L2, while the first query scores this tile: float32 rows PREFETCH_ROWS ahead (the
+                 * hardware prefetchers miss 6 row streams that far apart), or the next block's rows at this
+                 * tile's place, to be widened (its widening pass then reads from cache). Into L1 instead, the
+                 * float32 one-query call measured 1.5x slower (34 against 23 ms, 1000 x 512 tokens, 2 cores).
+                 * Prefetches beyond the document are harmless: they never fault. */
+                if (i == 0) {
+                    const int64_t ahead = job->d_type == FLOAT32 ? PREFETCH_ROWS : BLOCK;
+                    for (int r = 0; r < ROWS; r++)
+                        for (int64_t k = 0; k < D * size; k += 64)
+                            _mm_prefetch(doc + size * (b0 + t + ahead + r) * stride + k, _MM_HINT_T1);
+                }
                 for (int64_t g = 0; g < G; g++) {
                     const float *columns = job->q_columns + (query * G + g) * D * LANES;
                     float *b = best + i * lanes + g * LANES, *f = nan + i * lanes + g * LANES;
