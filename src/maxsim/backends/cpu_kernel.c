@@ -256,7 +256,7 @@ static AVX2_F16C void score_document(const Job *job, int64_t item, float *best, 
                 /* Into L2, while the first query scores this tile: float32 rows PREFETCH_ROWS ahead (the
                  * hardware prefetchers miss 6 row streams that far apart), or the next block's rows at this
                  * tile's place, to be widened (its widening pass then reads from cache). Into L1 instead, the
-                 * float32 one-query call measured 1.5x slower (34 against 23 ms, 1000 x 512 tokens, 2 cores).
+                 * float32 one-query call measured 1.3x slower (34 against 26 ms, 1000 x 512 tokens, 2 cores).
                  * Prefetches beyond the document are harmless: they never fault. */
                 if (i == 0) {
                     const int64_t ahead = job->d_type == FLOAT32 ? PREFETCH_ROWS : BLOCK;
