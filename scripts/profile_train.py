@@ -35,18 +35,22 @@ FORWARD_CANDIDATES = [  # forward configurations tried with argmax (the training
 ]
 
 
-DQ_CANDIDATES = [(2, 32, 128), (1, 32, 128), (2, 64, 128), (1, 64, 128)]
-DD_CANDIDATES = [(16, 8, 64), (32, 8, 64), (16, 16, 64), (8, 8, 128)]
+# backward blocks tried (backward.DQ_BLOCKS / DD_BLOCKS: three block sizes, then warps)
+DQ_CANDIDATES = [(2, 16, 128, 2), (8, 4, 128, 2), (4, 4, 128, 1), (16, 2, 128, 2), (2, 32, 128, 4)]
+DD_CANDIDATES = [(1, 8, 128, 1), (1, 4, 128, 1), (1, 16, 128, 1), (2, 8, 128, 2)]
+CHUNK_CANDIDATES = [256, 512, 2048, 4096]  # backward.MAX_CHUNK: entries per chunk of the dd counting sort
 
 
-def _with_blocks(name: str, blocks: tuple, fn):
-    """Run ``fn`` with ``backward.<name>`` set to ``blocks``."""
-    saved = getattr(backward, name)
-    setattr(backward, name, blocks)
+def _with_settings(settings: dict, fn):
+    """Run ``fn`` with the ``backward`` module's attributes set as ``settings`` says."""
+    saved = {name: getattr(backward, name) for name in settings}
+    for name, value in settings.items():
+        setattr(backward, name, value)
     try:
         return fn()
     finally:
-        setattr(backward, name, saved)
+        for name, value in saved.items():
+            setattr(backward, name, value)
 
 
 def _step(q, d):
@@ -69,7 +73,9 @@ def _host_us(fn, calls: int = 10) -> float:
     return elapsed
 
 
-def profile(name: str, nq: int, nd: int, lq: int, ld: int, dim: int = 128, cprofile: bool = False) -> None:
+def profile(
+    name: str, nq: int, nd: int, lq: int, ld: int, dim: int = 128, cprofile: bool = False, forwards: bool = True
+) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(nq, lq, dim, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
     d = torch.randn(nd, ld, dim, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
@@ -86,16 +92,21 @@ def profile(name: str, nq: int, nd: int, lq: int, ld: int, dim: int = 128, cprof
         "backward dq": lambda: maxsim_bwd(qp, dp, am, g, normalize=False, need_dq=True, need_dd=False),
         "backward dd": lambda: maxsim_bwd(qp, dp, am, g, normalize=False, need_dq=False, need_dd=True),
     }
-    for cfg in FORWARD_CANDIDATES:
+    for cfg in FORWARD_CANDIDATES if forwards else ():
         label = f"fwd+argmax {cfg.block_q}/{cfg.block_l}/{cfg.num_warps}w/{cfg.num_stages}s/lane{int(cfg.lane_max)}"
         rows[label] = lambda c=cfg: maxsim_fwd(qp, dp, None, None, normalize=False, return_argmax=True, config=c)
     for blocks in DQ_CANDIDATES:
-        rows[f"dq blocks {blocks}"] = lambda b=blocks: _with_blocks(
-            "DQ_BLOCKS", b, lambda: maxsim_bwd(qp, dp, am, g, normalize=False, need_dq=True, need_dd=False)
+        rows[f"dq blocks {blocks}"] = lambda b=blocks: _with_settings(
+            {"DQ_BLOCKS": b, "DQ_MIN_PROGRAMS": 0},
+            lambda: maxsim_bwd(qp, dp, am, g, normalize=False, need_dq=True, need_dd=False),
         )
     for blocks in DD_CANDIDATES:
-        rows[f"dd blocks {blocks}"] = lambda b=blocks: _with_blocks(
-            "DD_BLOCKS", b, lambda: maxsim_bwd(qp, dp, am, g, normalize=False, need_dq=False, need_dd=True)
+        rows[f"dd blocks {blocks}"] = lambda b=blocks: _with_settings(
+            {"DD_BLOCKS": b}, lambda: maxsim_bwd(qp, dp, am, g, normalize=False, need_dq=False, need_dd=True)
+        )
+    for chunk in CHUNK_CANDIDATES:
+        rows[f"dd chunk {chunk}"] = lambda c=chunk: _with_settings(
+            {"MAX_CHUNK": c}, lambda: maxsim_bwd(qp, dp, am, g, normalize=False, need_dq=False, need_dd=True)
         )
     print(f"== {name}: Nq={nq} Nd={nd} Lq={lq} Ld={ld} D={dim} bfloat16")
     for label, fn in rows.items():
@@ -124,10 +135,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default="InBatchTrain,ColPaliTrain")
     parser.add_argument("--cprofile", action="store_true", help="also print a cProfile of 20 steps (host)")
+    parser.add_argument("--no-forward-candidates", action="store_true", help="time only the backward candidates")
     shapes = {"InBatchTrain": (128, 128, 32, 256), "ColPaliTrain": (32, 32, 1024, 1024)}
     args = parser.parse_args()
     for name in args.workloads.split(","):
-        profile(name, *shapes[name], cprofile=args.cprofile)
+        profile(name, *shapes[name], cprofile=args.cprofile, forwards=not args.no_forward_candidates)
 
 
 if __name__ == "__main__":

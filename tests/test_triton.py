@@ -465,20 +465,24 @@ def _triton_grads(q, d, weights, **kwargs):
     return qd.grad.cpu(), dd.grad.cpu()
 
 
-# the defaults, then blocks that split every axis: (DQ_BLOCKS, DD_BLOCKS, MAX_CHUNK of the counting sort)
-SMALL_BWD = [None, ((2, 16, 16), (16, 2, 16), 16)]
+# backward module settings: the defaults, then blocks that split every axis (the dq blocks for many query
+# rows, then those for few rows, and a counting sort of 16 entries a chunk)
+SMALL_BWD = [
+    {},
+    {"DQ_BLOCKS": (2, 16, 16, 2), "DQ_MIN_PROGRAMS": 0, "DD_BLOCKS": (16, 2, 16, 2), "MAX_CHUNK": 16},
+    {"DQ_BLOCKS_FEW_ROWS": (4, 2, 16, 1), "DQ_MIN_PROGRAMS": 10**9, "DD_BLOCKS": (2, 4, 16, 2), "MAX_CHUNK": 16},
+]
+SMALL_BWD_IDS = ["default-blocks", "small-blocks", "small-blocks-few-rows"]
 
 
-@pytest.mark.parametrize("blocks", SMALL_BWD, ids=["default-blocks", "small-blocks"])
+@pytest.mark.parametrize("blocks", SMALL_BWD, ids=SMALL_BWD_IDS)
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
 def test_backward_kernels(layout, dtype, normalize, blocks, monkeypatch):
     """Triton ``dq``/``dd`` against the reference's autograd, with masks on both sides, in the input dtype."""
-    if blocks is not None:
-        monkeypatch.setattr(backward, "DQ_BLOCKS", blocks[0])
-        monkeypatch.setattr(backward, "DD_BLOCKS", blocks[1])
-        monkeypatch.setattr(backward, "MAX_CHUNK", blocks[2])
+    for name, value in blocks.items():
+        monkeypatch.setattr(backward, name, value)
     _, qb, db, lq, ld, dim = layout
     g = torch.Generator().manual_seed(37)
     q = random_tokens((*qb, lq, dim), dtype, generator=g)
@@ -528,16 +532,14 @@ def test_entries_by_token_is_a_stable_inversion(max_chunk, monkeypatch):
     assert counts.sum() == int((argmax >= 0).sum())
 
 
-@pytest.mark.parametrize("blocks", SMALL_BWD, ids=["default-blocks", "small-blocks"])
+@pytest.mark.parametrize("blocks", SMALL_BWD, ids=SMALL_BWD_IDS)
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_varlen_backward_kernels(dtype, normalize, blocks, monkeypatch):
     """All pairs of packed sequences: the Triton ``dq``/``dd`` against the reference's autograd (ragged
     lengths from 1 to 33 tokens, a long document, weights per pair), and bitwise equal run after run."""
-    if blocks is not None:
-        monkeypatch.setattr(backward, "DQ_BLOCKS", blocks[0])
-        monkeypatch.setattr(backward, "DD_BLOCKS", blocks[1])
-        monkeypatch.setattr(backward, "MAX_CHUNK", blocks[2])
+    for name, value in blocks.items():
+        monkeypatch.setattr(backward, name, value)
     g = torch.Generator().manual_seed(53)
     q, cu_q = ragged(g, [3, 1, 17], 20, dtype)
     d, cu_d = ragged(g, [4, 9, 1, 33], 20, dtype)

@@ -24,11 +24,16 @@ import triton
 import triton.language as tl
 
 from ..torch_backend import inverse_norms, normalize_backward
+from .configs import device_info
 from .forward import INTERPRETED, _next_pow2, _pow2_at_least, cdiv, launch_device
 from .launch import Launcher
 
-DQ_BLOCKS = (2, 32, 128)  # BLOCK_N documents, BLOCK_I query tokens, BLOCK_D columns (at most)
-DD_BLOCKS = (8, 8, 128)  # BLOCK_R document tokens, BLOCK_T entries per step, BLOCK_D columns (at most)
+# Blocks (H100, bfloat16, D = 128; scripts/profile_train.py). The summed axis (BLOCK_N / BLOCK_T) is kept in
+# per-lane accumulators and reduced once at the end, not every step.
+DQ_BLOCKS = (2, 16, 128, 2)  # BLOCK_N documents, BLOCK_I query tokens, BLOCK_D columns (at most), warps
+DQ_BLOCKS_FEW_ROWS = (8, 4, 128, 2)  # the same where DQ_BLOCKS gives under DQ_MIN_PROGRAMS programs per SM
+DQ_MIN_PROGRAMS = 4
+DD_BLOCKS = (1, 8, 128, 1)  # BLOCK_R document tokens, BLOCK_T entries per step, BLOCK_D columns (at most), warps
 MAX_CHUNK = 1024  # entries per chunk of the counting sort (sorted in registers)
 
 
@@ -70,7 +75,7 @@ def _dq_kernel(
     offs_k = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     i_in = offs_i < Lq
     k_in = offs_k < D
-    acc = tl.zeros([BLOCK_I, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_I, BLOCK_D], tl.float32)  # per document lane: summed once, at the end
     for n0 in range(0, Dn, BLOCK_N):
         nn = n0 + tl.arange(0, BLOCK_N)
         n_in = nn < Dn
@@ -81,12 +86,9 @@ def _dq_kernel(
         )
         real = won >= 0
         weight = tl.where(real, w[:, None], 0.0)
-        acc += tl.sum(
-            _weighted_rows(
-                d_ptr, dinv_ptr, cu_d_ptr, p, nn.to(tl.int64)[:, None], won.to(tl.int64), weight, real, offs_k,
-                k_in, Dn, Ld, sd_p, sd_n, sd_l, sd_k, NORMALIZE, VARLEN,
-            ),
-            0,
+        acc += _weighted_rows(
+            d_ptr, dinv_ptr, cu_d_ptr, p, nn.to(tl.int64)[:, None], won.to(tl.int64), weight, real, offs_k,
+            k_in, Dn, Ld, sd_p, sd_n, sd_l, sd_k, NORMALIZE, VARLEN,
         )  # fmt: skip
     if VARLEN:  # packed queries: row cu_q[qi] + i, for the query's own tokens only
         q_start = tl.load(cu_q_ptr + pq).to(tl.int64)
@@ -95,7 +97,7 @@ def _dq_kernel(
     else:
         out_rows = pq * Lq + offs_i
     out = dq_ptr + out_rows[:, None] * D + offs_k[None, :]
-    tl.store(out, acc.to(dq_ptr.dtype.element_ty), mask=i_in[:, None] & k_in[None, :])
+    tl.store(out, tl.sum(acc, 0).to(dq_ptr.dtype.element_ty), mask=i_in[:, None] & k_in[None, :])
 
 
 @triton.jit
@@ -134,8 +136,9 @@ def _dd_count_kernel(
     u = c * BLOCK_U + tl.arange(0, BLOCK_U)
     qi = u // Lq
     won = tl.load(am_ptr + ((p * Qn + qi) * Dn + n) * Lq + (u - qi * Lq), mask=u < Qn * Lq, other=-1)
-    hist = tl.histogram(tl.where(won >= 0, won, Ld), BINS)  # bin Ld: no token won
     j = tl.arange(0, BINS)
+    hist = tl.histogram(tl.maximum(won, 0), BINS)  # entries that won no token (-1) counted in bin 0, then taken out
+    hist -= tl.where(j == 0, tl.sum((won < 0).to(tl.int32), 0), 0)
     tl.store(counts_ptr + (pn * n_chunks + c) * Ld + j, hist.to(counts_ptr.dtype.element_ty), mask=j < Ld)
 
 
@@ -188,7 +191,7 @@ def _dd_gather_kernel(
     pn = rows // Ld
     p = pn // Dn
     n = pn - p * Dn
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_T, BLOCK_D], tl.float32)  # per entry lane: summed once, at the end
     for t0 in range(0, tl.max(count, 0), BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         has = t[None, :] < count[:, None]  # [BLOCK_R, BLOCK_T]
@@ -196,12 +199,9 @@ def _dd_gather_kernel(
         qi = u // Lq
         i = u - qi * Lq
         w = tl.load(g_ptr + p[:, None] * sg_p + qi * sg_q + n[:, None] * sg_n, mask=has, other=0.0)
-        acc += tl.sum(
-            _weighted_rows(
-                q_ptr, qinv_ptr, cu_q_ptr, p[:, None], qi, i, w, has, offs_k, k_in, Qn, Lq, sq_p, sq_n, sq_l, sq_k,
-                NORMALIZE, VARLEN,
-            ),
-            1,
+        acc += _weighted_rows(
+            q_ptr, qinv_ptr, cu_q_ptr, p[:, None], qi, i, w, has, offs_k, k_in, Qn, Lq, sq_p, sq_n, sq_l, sq_k,
+            NORMALIZE, VARLEN,
         )  # fmt: skip
     if VARLEN:  # packed documents: token j of document pn is row cu_d[pn] + j, for its own tokens only
         d_start = tl.load(cu_d_ptr + pn, mask=r_in, other=0).to(tl.int64)
@@ -209,7 +209,7 @@ def _dd_gather_kernel(
         r_in = r_in & (j < tl.load(cu_d_ptr + pn + 1, mask=r_in, other=0).to(tl.int64) - d_start)
         rows = d_start + j
     out = dd_ptr + rows[:, None] * D + offs_k[None, :]
-    tl.store(out, acc.to(dd_ptr.dtype.element_ty), mask=r_in[:, None] & k_in[None, :])
+    tl.store(out, tl.sum(acc, 1).to(dd_ptr.dtype.element_ty), mask=r_in[:, None] & k_in[None, :])
 
 
 _DQ = Launcher(_dq_kernel, INTERPRETED.value)
@@ -241,7 +241,7 @@ def _entries_by_token(argmax: torch.Tensor, Qn: int, Dn: int, Lq: int, Ld: int):
         return order, torch.zeros(2, docs * Ld, dtype=torch.int32, device=device)
     rows = torch.empty(2, docs * Ld, dtype=torch.int32, device=device)  # chunk 0 of each document fills it
     counts = torch.empty(docs, n_chunks, Ld, dtype=torch.int16, device=device)
-    bins = _next_pow2(Ld + 1)
+    bins = _next_pow2(Ld)
     sizes = (Qn, Dn, Lq, Ld, n_chunks)
     _DD_COUNT(docs * n_chunks, (argmax, counts), sizes, dict(BLOCK_U=block_u, BINS=bins), 4, 2)
     _DD_PLACE(
@@ -327,7 +327,9 @@ def _backward(q, d, argmax, grad_scores, Ld, q_strides, d_strides, cu_q, cu_d, *
     with launch_device(q.device):
         if need_dq:
             dq = alloc(q.shape, dtype=out_dtype, device=q.device)
-            block_n, block_i, block_d = DQ_BLOCKS
+            _, sms = device_info(q.device)
+            few = P * Qn * cdiv(Lq, DQ_BLOCKS[1]) < DQ_MIN_PROGRAMS * sms
+            block_n, block_i, block_d, dq_warps = DQ_BLOCKS_FEW_ROWS if few else DQ_BLOCKS
             block_i, block_d = min(block_i, _pow2_at_least(Lq)), min(block_d, _pow2_at_least(D))
             n_ib = cdiv(Lq, block_i)
             d_inv = inverse_norms(d) if normalize else grad_scores
@@ -337,7 +339,7 @@ def _backward(q, d, argmax, grad_scores, Ld, q_strides, d_strides, cu_q, cu_d, *
                     (d, argmax, grad_scores, d_inv, dq, *cu),
                     (Qn, Dn, Lq, Ld, D, *d_strides, *grad_scores.stride(), n_ib),
                     dict(BLOCK_N=block_n, BLOCK_I=block_i, BLOCK_D=block_d, NORMALIZE=normalize, VARLEN=varlen),
-                    4,
+                    dq_warps,
                     2,
                 )
             if normalize:
@@ -348,14 +350,14 @@ def _backward(q, d, argmax, grad_scores, Ld, q_strides, d_strides, cu_q, cu_d, *
             if dd.numel() and rows:
                 q_inv = inverse_norms(q) if normalize else grad_scores
                 order, token_rows = _entries_by_token(argmax, Qn, Dn, Lq, Ld)
-                block_r, block_t, block_d = DD_BLOCKS
+                block_r, block_t, block_d, dd_warps = DD_BLOCKS
                 block_d = min(block_d, _pow2_at_least(D))
                 _DD_GATHER(
                     (cdiv(rows, block_r), cdiv(D, block_d)),
                     (q, order, token_rows, grad_scores, q_inv, dd, *cu),
                     (Qn, Dn, Lq, Ld, D, rows, *q_strides, *grad_scores.stride()),
                     dict(BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_D=block_d, NORMALIZE=normalize, VARLEN=varlen),
-                    4,
+                    dd_warps,
                     2,
                 )
             if normalize:
