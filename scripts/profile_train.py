@@ -32,6 +32,11 @@ FORWARD_CANDIDATES = [  # forward configurations tried with argmax (the training
     FwdConfig(256, 32, 128, 1, 8, 3, 1.0, 2, True),
     FwdConfig(128, 64, 128, 1, 8, 4, 1.0, 2, True),
     FwdConfig(64, 64, 128, 1, 4, 3, 1.0, 2, True),
+    # several documents per program: the query tile loaded once for them (in-batch: 2048 programs of 4 tiles
+    # each load their own 256-row tile without)
+    FwdConfig(256, 64, 128, 2, 8, 3, 1.0, 2, False),
+    FwdConfig(256, 64, 128, 4, 8, 3, 1.0, 2, False),
+    FwdConfig(128, 64, 128, 4, 4, 3, 1.0, 2, False),
 ]
 
 
@@ -93,7 +98,10 @@ def profile(
         "backward dd": lambda: maxsim_bwd(qp, dp, am, g, normalize=False, need_dq=False, need_dd=True),
     }
     for cfg in FORWARD_CANDIDATES if forwards else ():
-        label = f"fwd+argmax {cfg.block_q}/{cfg.block_l}/{cfg.num_warps}w/{cfg.num_stages}s/lane{int(cfg.lane_max)}"
+        label = (
+            f"fwd+argmax {cfg.block_q}/{cfg.block_l}/{cfg.docs}d/{cfg.num_warps}w/{cfg.num_stages}s"
+            f"/lane{int(cfg.lane_max)}"
+        )
         rows[label] = lambda c=cfg: maxsim_fwd(qp, dp, None, None, normalize=False, return_argmax=True, config=c)
     for blocks in DQ_CANDIDATES:
         rows[f"dq blocks {blocks}"] = lambda b=blocks: _with_settings(
