@@ -37,6 +37,9 @@ FORWARD_CANDIDATES = [  # forward configurations tried with argmax (the training
     FwdConfig(256, 64, 128, 2, 8, 3, 1.0, 2, False),
     FwdConfig(256, 64, 128, 4, 8, 3, 1.0, 2, False),
     FwdConfig(128, 64, 128, 4, 4, 3, 1.0, 2, False),
+    # wider tiles: each row's two reductions (max, then first index) cost their shuffles once per 128 columns
+    FwdConfig(128, 128, 128, 1, 8, 3, 1.0, 2, False),
+    FwdConfig(256, 128, 128, 1, 8, 2, 1.0, 2, False),
 ]
 
 
