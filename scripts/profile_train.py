@@ -47,6 +47,7 @@ FORWARD_CANDIDATES = [  # forward configurations tried with argmax (the training
 DQ_CANDIDATES = [(2, 16, 128, 2), (8, 4, 128, 2), (4, 4, 128, 1), (16, 2, 128, 2), (2, 32, 128, 4)]
 DD_CANDIDATES = [(1, 8, 128, 1), (1, 4, 128, 1), (1, 16, 128, 1), (2, 8, 128, 2)]
 CHUNK_CANDIDATES = [256, 512, 2048, 4096]  # backward.MAX_CHUNK: entries per chunk of the dd counting sort
+SORT_WARPS_CANDIDATES = [(2, 2), (8, 8), (4, 8), (8, 4)]  # backward.SORT_WARPS: the count / place kernels' warps
 
 
 def _with_settings(settings: dict, fn):
@@ -118,6 +119,10 @@ def profile(
     for chunk in CHUNK_CANDIDATES:
         rows[f"dd chunk {chunk}"] = lambda c=chunk: _with_settings(
             {"MAX_CHUNK": c}, lambda: maxsim_bwd(qp, dp, am, g, normalize=False, need_dq=False, need_dd=True)
+        )
+    for warps in SORT_WARPS_CANDIDATES:
+        rows[f"dd sort warps {warps}"] = lambda w=warps: _with_settings(
+            {"SORT_WARPS": w}, lambda: maxsim_bwd(qp, dp, am, g, normalize=False, need_dq=False, need_dd=True)
         )
     print(f"== {name}: Nq={nq} Nd={nd} Lq={lq} Ld={ld} D={dim} bfloat16")
     for label, fn in rows.items():

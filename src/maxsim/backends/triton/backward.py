@@ -35,6 +35,7 @@ DQ_BLOCKS_FEW_ROWS = (8, 4, 128, 2)  # the same where DQ_BLOCKS gives under DQ_M
 DQ_MIN_PROGRAMS = 4
 DD_BLOCKS = (1, 8, 128, 1)  # BLOCK_R document tokens, BLOCK_T entries per step, BLOCK_D columns (at most), warps
 MAX_CHUNK = 1024  # entries per chunk of the counting sort (sorted in registers)
+SORT_WARPS = (4, 4)  # warps of the counting sort's two kernels (counts, places)
 
 
 @triton.jit
@@ -243,13 +244,13 @@ def _entries_by_token(argmax: torch.Tensor, Qn: int, Dn: int, Lq: int, Ld: int):
     counts = torch.empty(docs, n_chunks, Ld, dtype=torch.int16, device=device)
     bins = _next_pow2(Ld)
     sizes = (Qn, Dn, Lq, Ld, n_chunks)
-    _DD_COUNT(docs * n_chunks, (argmax, counts), sizes, dict(BLOCK_U=block_u, BINS=bins), 4, 2)
+    _DD_COUNT(docs * n_chunks, (argmax, counts), sizes, dict(BLOCK_U=block_u, BINS=bins), SORT_WARPS[0], 2)
     _DD_PLACE(
         docs * n_chunks,
         (argmax, counts, rows, order),
         (*sizes, docs * Ld),
         dict(BLOCK_U=block_u, SHIFT=block_u.bit_length() - 1, BINS=bins),
-        4,
+        SORT_WARPS[1],
         2,
     )
     return order, rows
