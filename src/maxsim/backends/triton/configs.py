@@ -81,6 +81,10 @@ DEFAULT = FwdConfig()
 # "packed", 15.0 / 19.4 with runs of 32 and 4 warps, 20-50 / 22-36 otherwise: the two tensor-core paths
 # want different rows ("-f8", "-i8"); one query 1.38 / 0.96 as "rerank", 1.34 / 0.98 with runs of 32 and
 # block_l 128.
+# "packed" docs (documents per program of the padded kernel; the varlen search does not read it): the
+# in-batch training forward with argmax (128 x 128 queries of 32 tokens against 256, bfloat16, do_bench,
+# H100, 2026-12-05, scripts/profile_train.py at 7b474d6) 138.0 us with 1, 133.3 with 2, 129.1 with 4
+# (123.5 with block_q 128 and 4 warps, not taken: those would change the search's row too).
 # BEGIN TABLE
 TABLE: dict[tuple[str, str], FwdConfig] = {
     ("sm_90", "flops"): FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2, False, 1),
@@ -91,7 +95,7 @@ TABLE: dict[tuple[str, str], FwdConfig] = {
     ("sm_90", "mid-f32"): FwdConfig(64, 64, 64, 1, 4, 2, 2.0, 2, True, 1),
     ("sm_90", "mid-wide"): FwdConfig(64, 64, 128, 1, 4, 3, 2.0, 2, True, 1),
     ("sm_90", "mid-wide-f32"): FwdConfig(64, 64, 64, 1, 4, 2, 2.0, 2, True, 1),
-    ("sm_90", "packed"): FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2, False, 32),
+    ("sm_90", "packed"): FwdConfig(256, 64, 128, 4, 8, 3, 1.0, 2, False, 32),
     ("sm_90", "packed-f8"): FwdConfig(256, 64, 128, 1, 4, 3, 1.0, 2, False, 32),
     ("sm_90", "packed-i8"): FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2, False, 1),
     ("sm_90", "rerank"): FwdConfig(64, 64, 128, 1, 4, 3, 0.5, 2, True, 1),
