@@ -107,23 +107,13 @@ def profile(
             f"/lane{int(cfg.lane_max)}"
         )
         rows[label] = lambda c=cfg: maxsim_fwd(qp, dp, None, None, normalize=False, return_argmax=True, config=c)
-    for blocks in DQ_CANDIDATES:
-        rows[f"dq blocks {blocks}"] = lambda b=blocks: _with_settings(
-            {"DQ_BLOCKS": b, "DQ_MIN_PROGRAMS": 0},
-            lambda: maxsim_bwd(qp, dp, am, g, normalize=False, need_dq=True, need_dd=False),
-        )
-    for blocks in DD_CANDIDATES:
-        rows[f"dd blocks {blocks}"] = lambda b=blocks: _with_settings(
-            {"DD_BLOCKS": b}, lambda: maxsim_bwd(qp, dp, am, g, normalize=False, need_dq=False, need_dd=True)
-        )
-    for chunk in CHUNK_CANDIDATES:
-        rows[f"dd chunk {chunk}"] = lambda c=chunk: _with_settings(
-            {"MAX_CHUNK": c}, lambda: maxsim_bwd(qp, dp, am, g, normalize=False, need_dq=False, need_dd=True)
-        )
-    for warps in SORT_WARPS_CANDIDATES:
-        rows[f"dd sort warps {warps}"] = lambda w=warps: _with_settings(
-            {"SORT_WARPS": w}, lambda: maxsim_bwd(qp, dp, am, g, normalize=False, need_dq=False, need_dd=True)
-        )
+    # each backward candidate: (label, the backward module's settings, the stage it times)
+    candidates = [(f"dq blocks {b}", {"DQ_BLOCKS": b, "DQ_MIN_PROGRAMS": 0}, "backward dq") for b in DQ_CANDIDATES]
+    candidates += [(f"dd blocks {b}", {"DD_BLOCKS": b}, "backward dd") for b in DD_CANDIDATES]
+    candidates += [(f"dd chunk {c}", {"MAX_CHUNK": c}, "backward dd") for c in CHUNK_CANDIDATES]
+    candidates += [(f"dd sort warps {w}", {"SORT_WARPS": w}, "backward dd") for w in SORT_WARPS_CANDIDATES]
+    for label, settings, stage in candidates:
+        rows[label] = lambda s=settings, fn=rows[stage]: _with_settings(s, fn)
     print(f"== {name}: Nq={nq} Nd={nd} Lq={lq} Ld={ld} D={dim} bfloat16")
     for label, fn in rows.items():
         print(f"  {label:<16} {do_bench(fn) * 1e3:9.1f} us  (host {_host_us(fn):7.1f} us/call)")
