@@ -190,6 +190,15 @@ static AVX2_F16C void widen(const void *x, int dtype, int64_t D, float scale, fl
         out[k] = element(x, dtype, k) * scale;
 }
 
+/* The element offset in d of document item's first token: a padded document's by the strides, a packed
+ * one's from d_start (as given: only prefetches read there without the checks of score_document). */
+static int64_t first_token(const Job *job, int64_t item)
+{
+    if (job->d_start != NULL)
+        return job->d_start[item] * job->d_stride[2];
+    return item / job->Dn * job->d_stride[0] + item % job->Dn * job->d_stride[1];
+}
+
 /* Scores (and argmax) of every query of group p against document item (p, n), BLOCK tokens at a time (each
  * block's tokens stay in cache for all the queries). Per worker: best, nan: Qn * G * LANES floats, index:
  * Qn * G * LANES int32, inverse_norm, real: Ld each, widened: BLOCK * D floats (float16/bfloat16 documents). */
@@ -198,7 +207,7 @@ static AVX2_F16C void score_document(const Job *job, int64_t item, float *best, 
 {
     const int64_t p = item / job->Dn, n = item % job->Dn, D = job->D, G = job->G, lanes = G * LANES;
     const int64_t stride = job->d_stride[2], size = element_size(job->d_type);
-    int64_t len = job->Ld, offset = p * job->d_stride[0] + n * job->d_stride[1];
+    int64_t len = job->Ld, offset = first_token(job, item);
     const float *scales = NULL; /* of this document's tokens (quantized packed documents) */
     if (job->d_len != NULL) { /* at most Ld tokens, none for offsets outside d (validate=False): no stray read */
         const int64_t start = job->d_start[item];
@@ -211,14 +220,7 @@ static AVX2_F16C void score_document(const Job *job, int64_t item, float *best, 
     }
     const char *doc = (const char *)job->d + size * offset;
     /* this worker's next document (its first tokens are prefetched while this one's last are scored) */
-    const char *next = doc;
-    if (item + 1 < job->last) {
-        const int64_t following = item + 1;
-        next = (const char *)job->d +
-               size * (job->d_start != NULL ? job->d_start[following] * stride
-                                            : following / job->Dn * job->d_stride[0] +
-                                                  following % job->Dn * job->d_stride[1]);
-    }
+    const char *next = item + 1 < job->last ? (const char *)job->d + size * first_token(job, item + 1) : doc;
     if (job->d_mask == NULL) {
         memset(real, 1, len);
     } else {
