@@ -773,6 +773,33 @@ def test_varlen_quantized_ties_exact(cfg, n_split, qdtype, queries):
     assert torch.equal(argmax.cpu(), ref_argmax)
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        pytest.param(configs.FwdConfig(block_q=16, block_l=16, block_d=256, num_stages=1), id="one-d-tile"),
+        pytest.param(SMALL_TILE_MAX, id="d-tiles"),
+    ],
+)
+def test_varlen_int8_extreme_sums_exact(cfg):
+    """int8 codes times codes at D=256: the int32 sums reach 2**22 (-128 * -128 everywhere) and -4161536
+    (-128 * 127); converted to float32 exactly in one D tile (by their bits) and in several (a conversion)."""
+    rows = torch.tensor([-128, 127, 1, 0, -1], dtype=torch.float32)[:, None].expand(5, 256).clone()
+    rows[4, ::2] = 127  # alternating 127 / -1
+    q_scales = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.25])
+    d_scales = torch.tensor([2.0, 1.0, 0.125, 4.0, 1.0])
+    q, d = rows.to(torch.int8), rows.flip(0).to(torch.int8)
+    cu_q = torch.tensor([0, 2, 5], dtype=torch.int32)
+    cu_d = torch.tensor([0, 1, 3, 5], dtype=torch.int32)
+    scores, argmax = maxsim_varlen_fwd(
+        *to_dev(q, cu_q, d, cu_d), None, None, max_lq=3, max_ld=2, normalize=False, return_argmax=True,
+        config=cfg, d_scales=d_scales.to(DEVICE), q_scales=q_scales.to(DEVICE),
+    )  # fmt: skip
+    ref, ref_argmax = maxsim_varlen_reference(_dequantized(q, q_scales), cu_q, _dequantized(d, d_scales), cu_d)
+    assert ref.abs().max() > 2**22  # the extremes are there
+    assert torch.equal(scores.cpu().double(), ref)
+    assert torch.equal(argmax.cpu(), ref_argmax)
+
+
 @pytest.mark.parametrize("quantize_queries", [False, None], ids=["wide-queries", "default"])
 @pytest.mark.parametrize("qdtype", QUANT, ids=dtype_id)
 def test_index_search_reads_quantized_tokens(qdtype, quantize_queries, monkeypatch):

@@ -85,6 +85,17 @@ def _mask_end(dm_base, sdm_l, l_lo, l_hi, MASK_BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _small_int_to_float(x):
+    """int32 ``x`` with ``-2**22 <= x <= 2**22`` (sums of at most 256 int8 products) as float32, exactly.
+
+    ``x + 0x4B400000`` holds the bits of the float ``1.5 * 2**23 + x`` (in ``[2**23, 2**24]``, where floats are
+    the integers), and the subtraction is exact. An integer add and a float add instead of a conversion,
+    which sm_80 / sm_90 issue at an eighth of the float rate: this runs on every similarity of an int8 tile.
+    """
+    return (x + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+
+@triton.jit
 def _tile_similarities(
     q_tile, q_rows, q_in, q_inv, d_cols, ds_ptrs, real, D, sq_k, sd_k,
     BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr,
@@ -130,6 +141,8 @@ def _tile_similarities(
                 d_sq += tl.sum(df * df, 0)
     if D_SCALED:
         d_scale = tl.load(ds_ptrs, mask=real, other=1.0)
+        if acc.dtype == tl.int32 and SINGLE_D and BLOCK_D <= 256:
+            acc = _small_int_to_float(acc)
         acc = acc.to(tl.float32) * d_scale[None, :]
         if NORMALIZE:
             d_sq = d_sq * (d_scale * d_scale)
