@@ -85,6 +85,9 @@ DEFAULT = FwdConfig()
 # in-batch training forward with argmax (128 x 128 queries of 32 tokens against 256, bfloat16, do_bench,
 # H100, 2026-12-05, scripts/profile_train.py at 7b474d6) 138.0 us with 1, 133.3 with 2, 129.1 with 4
 # (123.5 with block_q 128 and 4 warps, not taken: those would change the search's row too).
+# "packed-i8" once int8 sums reach float32 by their bits (100e3bd; kernel only, issue 6's 100k-document search,
+# 32 queries, do_bench median, H100, 2026-12-06): 4 warps 13.41 ms (15.53 with the conversion), 8 warps 15.73
+# (14.92 with it), runs of 32 on 4 warps 13.89, on 8 warps 37.0; float16's "packed" row 14.82 in the same run.
 # BEGIN TABLE
 TABLE: dict[tuple[str, str], FwdConfig] = {
     ("sm_90", "flops"): FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2, False, 1),
@@ -97,7 +100,7 @@ TABLE: dict[tuple[str, str], FwdConfig] = {
     ("sm_90", "mid-wide-f32"): FwdConfig(64, 64, 64, 1, 4, 2, 2.0, 2, True, 1),
     ("sm_90", "packed"): FwdConfig(256, 64, 128, 4, 8, 3, 1.0, 2, False, 32),
     ("sm_90", "packed-f8"): FwdConfig(256, 64, 128, 1, 4, 3, 1.0, 2, False, 32),
-    ("sm_90", "packed-i8"): FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2, False, 1),
+    ("sm_90", "packed-i8"): FwdConfig(256, 64, 128, 1, 4, 3, 1.0, 2, False, 1),
     ("sm_90", "rerank"): FwdConfig(64, 64, 128, 1, 4, 3, 0.5, 2, True, 1),
     ("sm_90", "rerank-f8"): FwdConfig(64, 128, 128, 1, 4, 3, 0.5, 2, True, 32),
     ("sm_90", "rerank-i8"): FwdConfig(64, 64, 128, 1, 4, 3, 0.5, 2, True, 1),
