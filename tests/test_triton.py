@@ -789,13 +789,14 @@ def test_varlen_int8_extreme_sums_exact(cfg):
     d_scales = torch.tensor([2.0, 1.0, 0.125, 4.0, 1.0])
     q, d = rows.to(torch.int8), rows.flip(0).to(torch.int8)
     cu_q = torch.tensor([0, 2, 5], dtype=torch.int32)
-    cu_d = torch.tensor([0, 1, 3, 5], dtype=torch.int32)
+    cu_d = torch.tensor([0, 1, 3, 4, 5], dtype=torch.int32)  # the last document: the -128 token alone
     scores, argmax = maxsim_varlen_fwd(
         *to_dev(q, cu_q, d, cu_d), None, None, max_lq=3, max_ld=2, normalize=False, return_argmax=True,
         config=cfg, d_scales=d_scales.to(DEVICE), q_scales=q_scales.to(DEVICE),
     )  # fmt: skip
     ref, ref_argmax = maxsim_varlen_reference(_dequantized(q, q_scales), cu_q, _dequantized(d, d_scales), cu_d)
-    assert ref.abs().max() > 2**22  # the extremes are there
+    # both extremes are maxima against the last document: query 0's tokens -128 (scale 1) and 127 (scale 0.5)
+    assert ref[0, 3] == (2**22 - 127 * 128 * 256 * 0.5) * d_scales[4]
     assert torch.equal(scores.cpu().double(), ref)
     assert torch.equal(argmax.cpu(), ref_argmax)
 
