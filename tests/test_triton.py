@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -57,6 +59,31 @@ def test_kernels_run_here():
 def _triton_backend(monkeypatch):
     monkeypatch.setenv("MAXSIM_BACKEND", "triton")
     monkeypatch.setattr(forward, "POISON", True)
+
+
+@pytest.mark.parametrize(
+    "ask, tf32",
+    [
+        ("pass", False),
+        ("torch.backends.cuda.matmul.allow_tf32 = True", True),
+        ("torch.set_float32_matmul_precision('high')", True),
+        ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", True),
+        ("torch.backends.fp32_precision = 'tf32'", True),
+        ("torch.backends.fp32_precision = 'tf32'; torch.backends.cuda.matmul.fp32_precision = 'ieee'", False),
+    ],
+)
+def test_float32_dots_follow_either_tf32_api(ask, tf32):
+    """float32 dots are IEEE unless TF32 was allowed, by torch's legacy flag or its new ``fp32_precision`` (which
+    makes reading the legacy flag raise). Each case in a fresh process: the flags are global."""
+    if "fp32_precision" in ask and not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has no fp32_precision")
+    code = (
+        f"import torch\n{ask}\nfrom maxsim.backends.triton import forward\n"
+        "print(forward.dot_precision(torch.float32), forward.dot_precision(torch.float16))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["tf32" if tf32 else "ieee", "tf32"]
 
 
 def to_dev(*tensors):

@@ -408,9 +408,23 @@ def _pow2_at_least(n: int, low: int = 16) -> int:
     return max(low, _next_pow2(max(int(n), 1)))
 
 
+def tf32_allowed() -> bool:
+    """Whether the user allowed TF32 for float32 matmuls, by either of torch's APIs.
+
+    torch >= 2.9 reports both the legacy ``matmul.allow_tf32 = True`` (or ``set_float32_matmul_precision``) and
+    the new ``fp32_precision = "tf32"`` (of ``matmul`` or of ``torch.backends``) in ``matmul.fp32_precision``;
+    reading ``allow_tf32`` there raises once the new API was used, so it is read only on older torch.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    return precision == "tf32"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """``ieee`` for float32 unless ``torch.backends.cuda.matmul.allow_tf32``; tf32 (ignored) otherwise."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    """``ieee`` for float32 unless TF32 is allowed (:func:`tf32_allowed`); tf32 (ignored) otherwise."""
+    if dtype == torch.float32 and not tf32_allowed():
         return "ieee"
     return "tf32"
 
