@@ -18,6 +18,7 @@ import torch
 from helpers import assert_scores_close
 
 import maxsim
+from maxsim import validate
 from maxsim.backends import torch_backend
 from maxsim.reference import maxsim_reference, maxsim_varlen_reference
 
@@ -858,6 +859,8 @@ def test_values_checked_once_per_tensor_version(monkeypatch):
     reads = []
     aminmax = torch.aminmax
     monkeypatch.setattr(torch, "aminmax", lambda x, **kw: reads.append(1) or aminmax(x, **kw))
+    # an empty memory of checks: one that the earlier tests of this process filled would be cleared mid-test
+    monkeypatch.setattr(validate, "_CHECKED", {})
     q, d = tokens(5, 4), tokens(7, 4)
     cu_q, cu_d = index([0, 2, 5]), index([0, 3, 4, 7])
 

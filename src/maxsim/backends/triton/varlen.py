@@ -25,6 +25,7 @@ from .forward import (
     _load_query,
     _nanmax,
     _row_nanmax,
+    _tile_scales,
     _tile_similarities,
     _write_best,
     blocks,
@@ -42,6 +43,17 @@ from .launch import Launcher
 @triton.jit
 def _add3(a0, a1, a2, b0, b1, b2):
     return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
+def _run_tile(t, tile_begin, tile_end, starts, lens, lane, BLOCK_L: tl.constexpr):
+    """Tile ``t`` of a run of documents: its first token, the tokens left in its document from there, and
+    its document's lane (zeros past the run's last tile)."""
+    here = (tile_begin <= t) & (t < tile_end)
+    done = (t - tile_begin) * BLOCK_L  # tokens of the document before this tile
+    return tl.reduce(
+        (tl.where(here, starts + done, 0), tl.where(here, lens - done, 0), tl.where(here, lane, 0)), 0, _add3
+    )
 
 
 @triton.jit
@@ -76,16 +88,16 @@ def _score_run_of_docs(
 
     offs_l = tl.arange(0, BLOCK_L)
     best = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    next_tok0, next_left, next_j = _run_tile(0, tile_begin, tile_end, starts, lens, lane, BLOCK_L)
+    next_scale = _tile_scales(ds_ptr + next_tok0 + offs_l, offs_l < next_left, BLOCK_L, D_SCALED)
     for t in range(0, tl.sum(tiles, 0)):
-        here = (tile_begin <= t) & (t < tile_end)
-        done = (t - tile_begin) * BLOCK_L  # tokens of the document before this tile
-        tok0, left, j = tl.reduce(
-            (tl.where(here, starts + done, 0), tl.where(here, lens - done, 0), tl.where(here, lane, 0)), 0, _add3
-        )
+        tok0, left, j, d_scale = next_tok0, next_left, next_j, next_scale  # scales loaded a tile ahead
+        next_tok0, next_left, next_j = _run_tile(t + 1, tile_begin, tile_end, starts, lens, lane, BLOCK_L)
+        next_scale = _tile_scales(ds_ptr + next_tok0 + offs_l, offs_l < next_left, BLOCK_L, D_SCALED)
         real = offs_l < left
         toks = tok0 + offs_l.to(tl.int64)
         sim = _tile_similarities(
-            q_tile, q_rows, q_in, q_inv, d_ptr + toks[None, :] * sd_l, ds_ptr + toks, real, D, sq_k, sd_k,
+            q_tile, q_rows, q_in, q_inv, d_ptr + toks[None, :] * sd_l, d_scale, real, D, sq_k, sd_k,
             BLOCK_Q, BLOCK_L, BLOCK_D, NORMALIZE, SINGLE_D, PREC, D_SCALED,
         )  # fmt: skip
         if left < BLOCK_L:  # a document's last tile, part real: the rest cannot win
