@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+FLOAT16_MAX = 65504.0  # float16 storage: larger values would be stored as inf
 E4M3_SCALE_TRIES = 8  # e4m3 scales tried per token, 2^(k/8) times the absmax one (see quantize)
 
 
@@ -237,8 +239,11 @@ class Index:
             raise TypeError("docs must be a non-empty list of [L, D] tensors or a tuple (tokens, cu_seqlens)")
         if tokens.shape[1] != self.dim:
             raise ValueError(f"documents have dim {tokens.shape[1]}, the index has dim {self.dim}")
-        if not bool(torch.isfinite(tokens).all()):
+        largest = float(tokens.abs().amax()) if tokens.numel() else 0.0  # NaN or inf if any
+        if not math.isfinite(largest):
             raise ValueError("documents hold NaN or infinite values, which quantized storage cannot keep")
+        if self.dtype == torch.float16 and largest > FLOAT16_MAX:
+            raise ValueError(f"documents hold values beyond {FLOAT16_MAX:.6g}, which float16 storage cannot keep")
         return tokens, lengths
 
     def remove(self, ids) -> None:
