@@ -88,6 +88,9 @@ DEFAULT = FwdConfig()
 # "packed-i8" once int8 sums reach float32 by their bits (100e3bd; kernel only, issue 6's 100k-document search,
 # 32 queries, do_bench median, H100, 2026-12-06): 4 warps 13.41 ms (15.53 with the conversion), 8 warps 15.73
 # (14.92 with it), runs of 32 on 4 warps 13.89, on 8 warps 37.0; float16's "packed" row 14.82 in the same run.
+# With the scales loaded a tile ahead (c8ece26; same probe, H100, 2026-12-06): "packed-i8" 11.74 ms (runs of 32
+# 11.87, 3 -> 2 stages 12.96, 8 warps 16.73); "packed-f8" 14.49 (runs of 1 on 2 stages 14.83, was 17.81);
+# float16's "packed" 13.77-14.34 in the same process: the rows stay.
 # BEGIN TABLE
 TABLE: dict[tuple[str, str], FwdConfig] = {
     ("sm_90", "flops"): FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2, False, 1),
