@@ -270,6 +270,8 @@ def test_bad_input():
         index.add([torch.full((2, 8), float("nan"))])
     with pytest.raises(ValueError, match="beyond 65504, which float16 storage"):
         maxsim.Index(8).add([torch.full((2, 8), 7e4)])
+    with pytest.raises(ValueError, match="beyond 3.38953e\\+38, which bfloat16 storage"):
+        maxsim.Index(8, torch.bfloat16).add([torch.full((2, 8), 3.4e38)])
     maxsim.Index(8, torch.bfloat16).add([torch.full((2, 8), 1e36)])
     index.add(documents(3, 8, 5), ids=[4, 5, 6])
     with pytest.raises(ValueError, match="ids must be unique"):

@@ -41,7 +41,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-FLOAT16_MAX = 65504.0  # float16 storage: larger values would be stored as inf
 E4M3_SCALE_TRIES = 8  # e4m3 scales tried per token, 2^(k/8) times the absmax one (see quantize)
 
 
@@ -242,8 +241,9 @@ class Index:
         largest = float(tokens.abs().amax()) if tokens.numel() else 0.0  # NaN or inf if any
         if not math.isfinite(largest):
             raise ValueError("documents hold NaN or infinite values, which quantized storage cannot keep")
-        if self.dtype == torch.float16 and largest > FLOAT16_MAX:
-            raise ValueError(f"documents hold values beyond {FLOAT16_MAX:.6g}, which float16 storage cannot keep")
+        if self.dtype not in QUANT_MAX and largest > torch.finfo(self.dtype).max:  # stored as given: inf beyond
+            limit, name = torch.finfo(self.dtype).max, _dtype_name(self.dtype)
+            raise ValueError(f"documents hold values beyond {limit:.6g}, which {name} storage cannot keep")
         return tokens, lengths
 
     def remove(self, ids) -> None:
