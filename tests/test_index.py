@@ -8,7 +8,7 @@ from helpers import dtype_id, integer_tokens
 
 import maxsim
 from maxsim.backends import torch_backend
-from maxsim.index import QUANT_MAX, dequantize, quantize
+from maxsim.index import QUANT_MAX, dequantize, int8_scales, quantize
 
 STORAGE = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.int8)
 
@@ -220,6 +220,39 @@ def test_quantize_round_trip_error():
     assert QUANT_MAX[torch.int8] == 127.0
 
 
+def test_int8_scales_have_22_significant_bits():
+    """int8 scales are rounded up to 22 significant bits, so that 1.5 * 2**23 * scale is exact (the GPU
+    kernel's fused multiply-add relies on it), down to subnormal scales; codes stay within +-127."""
+    g = torch.Generator().manual_seed(71)
+    x = torch.randn(300, 16, generator=g) * torch.logspace(-38, 30, 300)[:, None]
+    x[7] = float("nan")
+    stored, scales = quantize(x, torch.int8)
+    finite = scales.isfinite()
+    assert finite.sum() == 299 and scales[7].isnan()
+    assert bool(((scales[finite].view(torch.int32) & 3) == 0).all())
+    absmax = x[finite].abs().amax(1) / 127
+    ulps = 4 * 2.0**-149  # a subnormal scale keeps fewer bits: its rounding is at most 3 of its ulps
+    assert bool((scales[finite] >= absmax).all())
+    assert bool((scales[finite] <= absmax * (1 + 2.0**-20) + ulps).all())
+    assert bool(((scales[finite].double() * 12582912.0) == (scales[finite] * 12582912.0).double()).all())
+    assert int(stored[finite].abs().max()) <= 127
+    assert torch.equal(int8_scales(scales)[finite], scales[finite]) and int8_scales(scales)[7].isnan()
+
+
+def test_int8_scales_of_older_files_are_rounded_on_load(tmp_path):
+    """A file whose int8 scales have more than 22 significant bits (written before they were rounded) loads
+    with them rounded up, as ``quantize`` makes them now."""
+    index = maxsim.Index(8, torch.int8)
+    index.add(documents(5, 8, 6))
+    index.scales.view(torch.int32).bitwise_or_(1)  # in place: the stored scales
+    odd = index.scales.clone()
+    path = tmp_path / "older.safetensors"
+    index.save(path)
+    loaded = maxsim.Index.load(path)
+    assert torch.equal(loaded.scales, int8_scales(odd)) and not torch.equal(loaded.scales, odd)
+    assert torch.equal(loaded.tokens, index.tokens)
+
+
 @pytest.mark.parametrize("dtype", STORAGE, ids=dtype_id)
 def test_save_load_round_trip(dtype, tmp_path):
     index = maxsim.Index(8, dtype)
@@ -272,6 +305,8 @@ def test_bad_input():
         maxsim.Index(8).add([torch.full((2, 8), 7e4)])
     with pytest.raises(ValueError, match="beyond 3.38953e\\+38, which bfloat16 storage"):
         maxsim.Index(8, torch.bfloat16).add([torch.full((2, 8), 3.4e38)])
+    with pytest.raises(ValueError, match="which int8 storage cannot keep"):
+        maxsim.Index(8, torch.int8).add([torch.full((2, 8), 1e36)])
     maxsim.Index(8, torch.bfloat16).add([torch.full((2, 8), 1e36)])
     index.add(documents(3, 8, 5), ids=[4, 5, 6])
     with pytest.raises(ValueError, match="ids must be unique"):

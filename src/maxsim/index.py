@@ -63,7 +63,8 @@ def quantize(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``tokens [T, D]`` float as ``(stored [T, D] dtype, scales [T] float32 or None)``.
 
-    int8: codes ``round(token / (max|token| / 127))``, the scale ``max|token| / 127``.
+    int8: codes ``round(token / scale)``, the scale ``max|token| / 127`` rounded up to 22 significant bits
+    (``int8_scales``: what the GPU kernel needs to scale its int32 sums with one exact fused multiply-add).
 
     float8 e4m3: a float format's grid is the same in every octave, so where a token's values fall between
     grid points depends on its scale. Each token tries ``E4M3_SCALE_TRIES`` scales spread over one octave
@@ -87,7 +88,8 @@ def quantize(
         absmax = torch.where(absmax != 0, absmax, torch.ones_like(absmax))
         absmax = torch.where(absmax.isfinite(), absmax, torch.full_like(absmax, float("nan")))  # see above
         if dtype == torch.int8:
-            codes, scale = (wide / absmax[:, None]).round().clamp_(-127, 127).to(torch.int8), absmax
+            scale = int8_scales(absmax)
+            codes = (wide / scale[:, None]).round().clamp_(-127, 127).to(torch.int8)
         else:
             norm2 = wide.square().sum(1)
             codes, scale, fit = _e4m3_codes(wide, norm2, absmax)
@@ -99,6 +101,21 @@ def quantize(
                 scale, fit = torch.where(better, scale_k, scale), torch.where(better, fit_k, fit)
         stored[t0 : t0 + CHUNK_TOKENS], scales[t0 : t0 + CHUNK_TOKENS] = codes, scale
     return stored, scales
+
+
+INT8_VALUE_MAX = 127 * 2.0**100  # int8 tokens' largest |value|: the kernel's scale * 1.5 * 2**23 stays finite
+
+
+def int8_scales(scales: torch.Tensor) -> torch.Tensor:
+    """float32 int8 scales rounded up (away from zero) to 22 significant bits; NaN stays NaN.
+
+    The Triton kernel turns an int32 sum ``x`` of int8 products into ``x * scale`` with one fused
+    multiply-add, ``(1.5 * 2**23 + x) * scale - 1.5 * 2**23 * scale``, whose second term is exact only for
+    such scales (and finite: ``Index.add`` takes int8 tokens up to ``INT8_VALUE_MAX``); the result is then
+    ``x * scale`` rounded once, as a conversion and a multiply give it.
+    """
+    rounded = ((scales.view(torch.int32) + 3) & ~3).view(torch.float32)
+    return torch.where(scales.isfinite(), rounded, scales)
 
 
 def dequantize(stored: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -241,8 +258,12 @@ class Index:
         largest = float(tokens.abs().amax()) if tokens.numel() else 0.0  # NaN or inf if any
         if not math.isfinite(largest):
             raise ValueError("documents hold NaN or infinite values, which quantized storage cannot keep")
-        if self.dtype not in QUANT_MAX and largest > torch.finfo(self.dtype).max:  # stored as given: inf beyond
-            limit, name = torch.finfo(self.dtype).max, _dtype_name(self.dtype)
+        if self.dtype == torch.int8:
+            limit = INT8_VALUE_MAX
+        else:  # stored as given: inf beyond its largest; e4m3 scales any finite value
+            limit = math.inf if self.dtype in QUANT_MAX else torch.finfo(self.dtype).max
+        if largest > limit:
+            name = _dtype_name(self.dtype)
             raise ValueError(f"documents hold values beyond {limit:.6g}, which {name} storage cannot keep")
         return tokens, lengths
 
@@ -442,7 +463,10 @@ class Index:
         dtype = getattr(torch, meta["dtype"], None)
         index = cls(int(meta["dim"]), dtype)
         _check_loaded(tensors, index, path)
-        index._set_storage(tensors["tokens"], tensors.get("scales"))
+        scales = tensors.get("scales")
+        if index.dtype == torch.int8:  # files written before int8 scales had 22 bits: at most 2^-22 relative
+            scales = int8_scales(scales)
+        index._set_storage(tensors["tokens"], scales)
         index.offsets, index.ids = tensors["offsets"], tensors["ids"]
         index._lengths = (index.offsets[1:] - index.offsets[:-1]).tolist()
         index._host_starts = None

@@ -85,14 +85,16 @@ def _mask_end(dm_base, sdm_l, l_lo, l_hi, MASK_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _small_int_to_float(x):
-    """int32 ``x`` with ``-2**22 <= x <= 2**22`` (sums of at most 256 int8 products) as float32, exactly.
+def _scaled_small_ints(x, scale):
+    """``x * scale[None, :]`` in float32 for int32 ``x`` with ``-2**22 <= x <= 2**22`` (sums of at most 256
+    int8 products) and scales of at most 22 significant bits (``index.int8_scales``), rounded once.
 
-    ``x + 0x4B400000`` holds the bits of the float ``1.5 * 2**23 + x`` (in ``[2**23, 2**24]``, where floats are
-    the integers), and the subtraction is exact. An integer add and a float add instead of a conversion,
-    which sm_80 / sm_90 issue at an eighth of the float rate: this runs on every similarity of an int8 tile.
+    ``x + 0x4B400000`` holds the bits of the float ``v = 1.5 * 2**23 + x`` (in ``[2**23, 2**24]``, where floats
+    are the integers); ``1.5 * 2**23 * scale`` is exact for such scales, so ``fma(v, scale, -that)`` is
+    ``x * scale`` rounded once. An integer add and a fused multiply-add on every similarity of an int8 tile,
+    instead of a conversion (issued at an eighth of the float rate on sm_80 / sm_90) and a multiply.
     """
-    return (x + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    return tl.fma((x + 0x4B400000).to(tl.float32, bitcast=True), scale[None, :], (scale * -12582912.0)[None, :])
 
 
 @triton.jit
@@ -155,8 +157,9 @@ def _tile_similarities(
                 d_sq += tl.sum(df * df, 0)
     if D_SCALED:
         if acc.dtype == tl.int32 and SINGLE_D and BLOCK_D <= 256:
-            acc = _small_int_to_float(acc)
-        acc = acc.to(tl.float32) * d_scale[None, :]
+            acc = _scaled_small_ints(acc, d_scale)
+        else:
+            acc = acc.to(tl.float32) * d_scale[None, :]
         if NORMALIZE:
             d_sq = d_sq * (d_scale * d_scale)
     if NORMALIZE:

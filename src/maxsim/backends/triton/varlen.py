@@ -224,7 +224,8 @@ def maxsim_varlen_fwd(
         config, n_split: launch overrides (tests, autotuning).
         d_scales: float32 ``[Td]``, token ``t`` being ``d[t] * d_scales[t]``; only with quantized ``d``.
         q_scales: float32 ``[Tq]`` with ``q`` codes of ``d``'s dtype (query token ``t`` is
-            ``q[t] * q_scales[t]``): the dots run on the int8 / float8 tensor cores.
+            ``q[t] * q_scales[t]``): the dots run on the int8 / float8 tensor cores. With int8 codes,
+            ``d_scales`` must have at most 22 significant bits (``index.int8_scales``, as ``Index`` keeps them).
 
     Returns:
         scores float32 ``[Nq, Nd]`` or ``[P]``; int32 argmax ``[..., max_lq]`` (-1 past a query) or None.
