@@ -4,8 +4,8 @@ Tolerance (DESIGN.md), stated once here: the reference computes in float64 on th
 inputs. float32 (and float64) inputs: ``|ours - ref| <= 1e-4 * max(1, |ref|)``. float16/bfloat16 inputs:
 ``|ours - ref| <= 2 * |naive - ref| + 1e-3 * max(1, |ref|)`` where ``naive`` is torch computing in the input
 dtype. float8_e4m3fn codes multiplied by codes (quantized queries against e4m3 storage; the reference scores
-the same dequantized codes): the tensor cores keep about 14 bits between float32 promotions (every 32
-products on sm_90), so ``|ours - ref| <= 1e-3 * max(1, |ref|)``; int8 codes sum exactly in int32 (float32's
+the same dequantized codes): the tensor cores keep about 14 bits of a sum between float32 promotions
+(every 128 products on sm_90), so ``|ours - ref| <= 1e-3 * max(1, |ref|)``; int8 codes sum exactly in int32 (float32's
 bound). NaN must match NaN and infinities must match exactly.
 """
 

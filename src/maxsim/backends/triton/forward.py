@@ -98,6 +98,23 @@ def _scaled_small_ints(x, scale):
 
 
 @triton.jit
+def _fp8_dot(a, b, acc, BLOCK_D: tl.constexpr):
+    """float32 ``a [BLOCK_Q, BLOCK_D] @ b [BLOCK_D, BLOCK_L]`` of float8 codes, plus ``acc`` (float32, or None).
+
+    sm_90's float8 tensor cores keep about 14 bits of a sum until it is added into a float32 accumulator,
+    which Triton's default never does: here every 128 products are. A single dot of at most 128 (D <= 128)
+    is one such sum, added to nothing: no promotion, no extra add per similarity (promoting every 32 cost
+    four, and made issue 6's 32-query e4m3 search slower than float16's).
+    """
+    if acc is None and BLOCK_D <= 128:
+        return tl.dot(a, b)
+    elif BLOCK_D <= 128:
+        return tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_D)
+    else:
+        return tl.dot(a, b, acc, max_num_imprecise_acc=128)
+
+
+@triton.jit
 def _tile_scales(ds_ptrs, real, BLOCK_L: tl.constexpr, D_SCALED: tl.constexpr):
     """float32 ``[BLOCK_L]``: the scales of a tile's tokens (D_SCALED; 1 where not ``real``), else ones.
 
@@ -129,8 +146,8 @@ def _tile_similarities(
         )
         if D_SCALED:
             d_tile = d_tile.to(q_tile.dtype)
-        if q_tile.dtype.is_fp8():  # float32 sums every 32 products (sm_90 default: ~14 bits kept)
-            acc = tl.dot(q_tile, d_tile, max_num_imprecise_acc=32)
+        if q_tile.dtype.is_fp8():
+            acc = _fp8_dot(q_tile, d_tile, None, BLOCK_D)
         else:
             acc = tl.dot(q_tile, d_tile, input_precision=PREC)
         if NORMALIZE:
@@ -149,7 +166,7 @@ def _tile_similarities(
             if D_SCALED:
                 dt = dt.to(qt.dtype)
             if qt.dtype.is_fp8():
-                acc = tl.dot(qt, dt, acc, max_num_imprecise_acc=32)
+                acc = _fp8_dot(qt, dt, acc, BLOCK_D)
             else:
                 acc = tl.dot(qt, dt, acc, input_precision=PREC, out_dtype=acc.dtype)
             if NORMALIZE:
