@@ -903,3 +903,27 @@ def test_quantized_bad_input():
         maxsim_varlen_fwd(q_codes, cu_q, codes, cu_d, None, None, **kw, d_scales=scales, q_scales=q_scales[:2])
     with pytest.raises(TypeError, match="only with quantized documents and d_scales"):
         maxsim_varlen_fwd(q_codes, cu_q, codes, cu_d, None, None, **kw, q_scales=q_scales)
+
+
+@pytest.mark.parametrize("qdtype", QUANT, ids=dtype_id)
+@pytest.mark.parametrize("wide", [torch.float16, torch.bfloat16, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("dim", [1, 7, 128, 200])
+def test_quantize_queries_matches_index_quantize(dim, wide, qdtype):
+    """The backend's one-launch query quantization gives ``index.quantize(..., scale_tries=1)``'s codes
+    exactly and its scales (int8 exactly; e4m3 to float32 rounding: the refit's dot is summed in another
+    order), on strided rows, with zero tokens (scale 1) and tokens with NaN / inf (scale NaN)."""
+    from maxsim.index import quantize
+
+    g = torch.Generator().manual_seed(61 + dim)
+    x = (torch.randn(33, dim + 3, generator=g) * torch.logspace(-3, 3, 33)[:, None]).to(wide)[:, 1 : dim + 1]
+    x[4], x[9, 0], x[11, -1] = 0.0, float("nan"), float("-inf")
+    codes, scales = triton_backend.quantize_queries(x.to(DEVICE), qdtype)
+    want_codes, want_scales = quantize(x, qdtype, scale_tries=1)
+    finite = want_scales.isfinite()
+    assert codes.dtype == qdtype and codes.shape == x.shape and scales.dtype == torch.float32
+    assert torch.equal(codes.cpu()[finite].float(), want_codes[finite].float())  # -0 and 0 alike
+    assert torch.equal(scales.cpu().isnan(), ~finite) and finite.sum() == 31 and scales[4] == 1
+    rtol = 0 if qdtype == torch.int8 else 2 * dim * torch.finfo(torch.float32).eps  # two orders of a sum
+    torch.testing.assert_close(scales.cpu()[finite], want_scales[finite], rtol=rtol, atol=0)
+    empty_codes, empty_scales = triton_backend.quantize_queries(x[:0].to(DEVICE), qdtype)
+    assert empty_codes.shape == (0, dim) and empty_scales.shape == (0,)

@@ -334,12 +334,12 @@ class Index:
         queries = q.to(torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float16)
         backend = get_backend(self.device)
         q_scales = None
-        if quantize_queries or (quantize_queries is None and backend.dots_quantized(queries, self.tokens)):
+        if backend.dots_quantized(queries, self.tokens) and quantize_queries is not False:
+            codes, scales = backend.quantize_queries(queries.reshape(-1, self.dim), self.dtype)
+            queries, q_scales = codes.view(queries.shape), scales.view(queries.shape[:-1])
+        elif quantize_queries:  # the same codes, widened back: the backend multiplies 16-bit queries only
             codes, scales = quantize(queries.reshape(-1, self.dim), self.dtype, scale_tries=1)
-            if backend.dots_quantized(queries, self.tokens):
-                queries, q_scales = codes.view(queries.shape), scales.view(queries.shape[:-1])
-            else:
-                queries = dequantize(codes, scales, queries.dtype).view(queries.shape)
+            queries = dequantize(codes, scales, queries.dtype).view(queries.shape)
         if backend.reads_quantized(queries, self.tokens):
             return self._search_packed(queries, k, q_mask, q_lengths, chunk, normalize, q_scales)
         return self._search_widened(queries, k, q_mask, q_lengths, chunk, normalize)

@@ -26,6 +26,7 @@ import triton.language  # noqa: E402
 from .. import torch_backend  # noqa: E402
 from . import ops  # noqa: E402  (registers maxsim::fwd_padded, maxsim::fwd_varlen and their backward)
 from .forward import maxsim_fwd, prepare_fwd  # noqa: E402
+from .quantize import quantize_rows  # noqa: E402
 from .varlen import maxsim_varlen_fwd  # noqa: E402
 
 # True when the kernels run in the interpreter: Triton's own library functions must be interpreted too,
@@ -92,12 +93,20 @@ _CODE_DOTS = {torch.int8: (8, 0), torch.float8_e4m3fn: (8, 9)}
 def dots_quantized(q: torch.Tensor, d: torch.Tensor) -> bool:
     """Whether ``maxsim_varlen_scaled`` takes queries quantized to ``d``'s dtype here (``q_scales``) and
     multiplies the codes as they are: the kernels run on ``q``, on an NVIDIA GPU with int8 / float8 tensor
-    cores (``Index.search``'s default then quantizes the queries), or in the interpreter."""
+    cores (``Index.search``'s default then quantizes the queries, with ``quantize_queries``), or in the
+    interpreter."""
     if not _kernels_run_on(q) or d.dtype not in _CODE_DOTS:
         return False
     if not q.is_cuda:
         return True  # the interpreter
     return not getattr(torch.version, "hip", None) and torch.cuda.get_device_capability(q.device) >= _CODE_DOTS[d.dtype]
+
+
+def quantize_queries(q: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query tokens ``q [T, D]`` as int8 / float8_e4m3fn codes and float32 scales ``[T]`` for
+    ``maxsim_varlen_scaled``'s ``q_scales`` (where ``dots_quantized``): ``index.quantize(q, dtype,
+    scale_tries=1)`` in one launch (``quantize.quantize_rows``)."""
+    return quantize_rows(q, dtype)
 
 
 def maxsim_varlen_scaled(
