@@ -95,6 +95,11 @@ DEFAULT = FwdConfig()
 # probe, H100, 2026-12-06): "packed-f8" 10.39 ms (runs of 32 on 4 warps 10.41), "packed-i8" 11.27 (11.26);
 # float16 13.9. One query with 64-row float8 dots (93a64f6): "rerank-f8" 0.97 ms, block_l 128 with runs of 1
 # 1.09, block_l 64 with runs of 32 1.08, runs of 1 1.17; "rerank-i8" 0.90 (block_l 128 1.02, 8 warps 1.04).
+# A sweep of both "packed" code rows at 3781d5b (same probe, H100, 2026-12-06; float16 14.0 / 13.87 ms):
+# "packed-i8" 11.40 as it was, 9.95 with block_l 32 (taken: bench-search 11.6 -> 10.3 ms, 0.73x float16),
+# 4 stages 11.34, 2 stages 12.58, block_q 128 12.94, 8 warps 16.3, block_l 128 19.2, elementwise maximum 24.5;
+# "packed-f8" 10.42 as it is, elementwise maximum 10.26, 4 stages 10.60, runs of 8 10.68 / 1 10.87 / 64 11.07,
+# block_l 32 11.73, block_q 128 11.94, 2 stages 12.19, 8 warps 15.74, block_l 128 18.1: the row stays.
 # BEGIN TABLE
 TABLE: dict[tuple[str, str], FwdConfig] = {
     ("sm_90", "flops"): FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2, False, 1),
@@ -107,7 +112,7 @@ TABLE: dict[tuple[str, str], FwdConfig] = {
     ("sm_90", "mid-wide-f32"): FwdConfig(64, 64, 64, 1, 4, 2, 2.0, 2, True, 1),
     ("sm_90", "packed"): FwdConfig(256, 64, 128, 4, 8, 3, 1.0, 2, False, 32),
     ("sm_90", "packed-f8"): FwdConfig(256, 64, 128, 1, 4, 3, 1.0, 2, False, 32),
-    ("sm_90", "packed-i8"): FwdConfig(256, 64, 128, 1, 4, 3, 1.0, 2, False, 1),
+    ("sm_90", "packed-i8"): FwdConfig(256, 32, 128, 1, 4, 3, 1.0, 2, False, 1),
     ("sm_90", "rerank"): FwdConfig(64, 64, 128, 1, 4, 3, 0.5, 2, True, 1),
     ("sm_90", "rerank-f8"): FwdConfig(64, 128, 128, 1, 4, 3, 0.5, 2, True, 32),
     ("sm_90", "rerank-i8"): FwdConfig(64, 64, 128, 1, 4, 3, 0.5, 2, True, 1),
