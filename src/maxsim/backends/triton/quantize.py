@@ -1,8 +1,8 @@
 """Query quantization in one launch: each token's int8 / float8 e4m3 codes and scale, as
 ``index.quantize(tokens, dtype, scale_tries=1)`` gives them (``Index.search`` with ``dots_quantized``).
 
-The torch version is some thirty small kernels; for a single query against a large corpus they cost more
-GPU time than the search's own preamble (issue 6's one-query e4m3 search: 1.14 ms against a 0.97 ms kernel).
+The torch version is some thirty small kernels: issue 6's one-query e4m3 search spent 0.17 ms outside its
+0.97 ms kernel with them (1.14 ms in all), 1.06 ms with this launch (H100, 2026-12-06).
 """
 
 from __future__ import annotations
