@@ -31,7 +31,7 @@
 #     SKIP_BENCH=1 / SKIP_SEARCH=1 / SKIP_DIST=1   leave that step out
 #     SKIP_TESTS=1 run only the benchmarks
 #     PYTEST_ARGS  extra arguments for pytest (default: none)
-#     PYTEST_WORKERS  pytest-xdist workers where xdist imports (default 8)
+#     PYTEST_WORKERS  pytest-xdist workers where xdist imports (default 16; OMP_NUM_THREADS default 2 for them)
 # MAXSIM_BACKEND is unset for both steps so every call gets the device's default backend.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -64,15 +64,17 @@ bench_rc=0
     "$PY" -m maxsim.cli info
 
     if [ "${SKIP_TESTS:-0}" != "1" ]; then
-        # pytest-xdist (in the GPU image): 8 workers share the GPU; test_gpu.py + test_triton.py took 104 s
-        # so on an H100 against about 250 s in one process
+        # pytest-xdist (in the GPU image): 16 workers share the GPU and the 16 cores, two CPU threads each; on
+        # an H100 machine test_gpu.py + test_triton.py + test_losses.py + test_compat.py took 130 s so and the
+        # rest 34 s. With torch's default of a thread per core in every worker the CPU tests thrash: 8 workers
+        # had not finished the suite after 530 s.
         workers=()
         if "$PY" -c 'import xdist' 2>/dev/null; then
-            workers=(-n "${PYTEST_WORKERS:-8}" -p no:cacheprovider)
+            workers=(-n "${PYTEST_WORKERS:-16}" -p no:cacheprovider)
         fi
         echo "== pytest (MAXSIM_BACKEND unset) ${workers[*]}"
         # shellcheck disable=SC2086
-        "$PY" -m pytest tests -q "${workers[@]}" ${PYTEST_ARGS:-}
+        OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" "$PY" -m pytest tests -q -rfE "${workers[@]}" ${PYTEST_ARGS:-}
         tests_rc=$?
         echo "== pytest exit status $tests_rc"
     fi

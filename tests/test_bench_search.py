@@ -14,7 +14,7 @@ def test_search_workloads_smoke(tmp_path):
     out = tmp_path / "search.json"
     result = bench_search.main(
         ["--docs", "120", "--queries", "4", "--recall-queries", "12", "--repeats", "1", "--quick", "--encoder-docs",
-         "0", "--json", str(out)]
+         "0", "--device", "cpu", "--json", str(out)]
     )  # fmt: skip
     assert json.loads(out.read_text())["schema"] == "maxsim-bench-search/1"
     rows = {(r["provider"], r["queries"]): r for r in result["results"]}

@@ -210,13 +210,14 @@ def _bench(rank: int, world: int, port: int, argv: list[str]) -> None:
 
 
 def test_bench_smoke_run(tmp_path):
-    """The distributed search workload's --quick run on 2 gloo ranks, started as torchrun starts them."""
+    """The distributed search workload's --quick run on 2 gloo ranks, started as torchrun starts them (gloo
+    named: on a machine with CUDA the default would be NCCL, one GPU per rank)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "dist.json"
     context = mp.start_processes(
-        _bench, args=(2, port, ["--quick", "--timeout", "30", "--json", str(out)]), nprocs=2, join=False,
+        _bench, args=(2, port, ["--quick", "--backend", "gloo", "--timeout", "30", "--json", str(out)]), nprocs=2, join=False,
         start_method="forkserver",
     )  # fmt: skip
     _join(context, 2)
