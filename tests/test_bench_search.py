@@ -49,6 +49,30 @@ def test_recall_bars_read_at_full_size_on_any_device():
     assert {v for k, v in verdicts.items() if "recall" not in k} == {None}
 
 
+def test_index_left_out_where_it_does_not_fit(monkeypatch, capsys):
+    """An index that does not fit beside the corpus (the float16 one at 1M documents on an 80 GB GPU) is left
+    out with its reason; the bars that need it are not read, the others still are."""
+    reasons = {torch.float16: "needs 93.1 GB beside the float16 corpus, 33.0 GB free"}
+    monkeypatch.setattr(bench_search, "_index_room", lambda tokens, dtype, device: reasons.get(dtype))
+    result = bench_search.main(
+        ["--docs", "40", "--queries", "2", "--recall-queries", "4", "--repeats", "1", "--quick", "--encoder-docs",
+         "0", "--device", "cpu"]
+    )  # fmt: skip
+    assert result["skipped"] == {"index-float16": reasons[torch.float16]}
+    providers = {r["provider"] for r in result["results"]}
+    assert "index-float16" not in providers and {"topk", "index-int8", "index-float8_e4m3fn"} <= providers
+    measured = {b["bar"]: b["measured"] for b in result["bars"]}
+    assert measured["index-float16, 2 queries: x FLOP floor"] is None
+    assert measured["index-int8, one query: time / float16 index"] is None
+    assert measured["topk, 2 queries: x FLOP floor"] > 0 and measured["index-int8: recall@10 (4 queries)"] > 0
+    out = capsys.readouterr().out
+    assert "index-float16: left out, needs 93.1 GB" in out and "n/a (left out)" in out
+
+
+def test_index_room_on_the_cpu_is_not_read():
+    assert bench_search._index_room(10**12, torch.float16, torch.device("cpu")) is None
+
+
 def test_cli_runs_it(capsys):
     from maxsim.cli import main
 

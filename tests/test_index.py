@@ -168,6 +168,32 @@ def test_many_small_adds_grow_storage_ahead(dtype):
     assert torch.equal(one_by_one.tokens, at_once.tokens) and one_by_one.memory()["spare"] == 0
 
 
+@pytest.mark.parametrize("dtype", STORAGE, ids=dtype_id)
+@pytest.mark.parametrize("source", [torch.float32, torch.float16], ids=dtype_id)
+def test_quantize_into_out(dtype, source, monkeypatch):
+    """``quantize(..., out=)`` writes into the given tensors what it returns without them, over several
+    chunks, and leaves ``tokens`` as it was; ``Index.add`` quantizes into its own storage (one add of a
+    float16 corpus to a float16 index copies it once, never aliases it)."""
+    monkeypatch.setattr(maxsim.index, "CHUNK_TOKENS", 16)
+    x = torch.randn(53, 12, generator=torch.Generator().manual_seed(3)).to(source)
+    kept = x.clone()
+    want_stored, want_scales = quantize(x, dtype)
+    out = (torch.empty(53, 12, dtype=dtype), torch.empty(53) if dtype in QUANT_MAX else None)
+    got_stored, got_scales = quantize(x, dtype, out=out)
+    def bits(t: torch.Tensor) -> torch.Tensor:  # float8 compared as bytes
+        return t.view(torch.uint8) if t.dtype.itemsize == 1 else t
+
+    assert got_stored is out[0] and got_scales is out[1] and torch.equal(x, kept)
+    assert torch.equal(bits(got_stored), bits(want_stored))
+    if dtype in QUANT_MAX:
+        assert torch.equal(got_scales, want_scales)
+    index = maxsim.Index(12, dtype)
+    index.add((x, torch.tensor([0, 20, 53])))
+    assert index.tokens.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    assert index.memory()["spare"] == 0 and torch.equal(x, kept)
+    assert torch.equal(bits(index.tokens), bits(want_stored))
+
+
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8], ids=dtype_id)
 def test_quantized_recall_on_clustered_tokens(dtype):
     """recall@10 of a quantized index against the exact float16 one. Issue 6's bar (>= 0.99) is for its

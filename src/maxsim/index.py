@@ -59,9 +59,17 @@ def _e4m3_codes(
 
 
 def quantize(
-    tokens: torch.Tensor, dtype: torch.dtype, *, scale_tries: int = E4M3_SCALE_TRIES
+    tokens: torch.Tensor,
+    dtype: torch.dtype,
+    *,
+    scale_tries: int = E4M3_SCALE_TRIES,
+    out: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``tokens [T, D]`` float as ``(stored [T, D] dtype, scales [T] float32 or None)``.
+
+    ``out``: ``(stored, scales)`` to write them into (on any device: ``tokens`` is read a chunk at a time, so
+    a corpus on the CPU is never copied whole to the GPU); without it they are new tensors on ``tokens``'
+    device (for float16 / bfloat16, ``tokens.to(dtype)``: ``tokens`` itself when already of that dtype).
 
     int8: codes ``round(token / scale)``, the scale ``max|token| / 127`` rounded up to 22 significant bits
     (``int8_scales``: what the GPU kernel needs to scale its int32 sums with one exact fused multiply-add).
@@ -79,11 +87,15 @@ def quantize(
     Works ``CHUNK_TOKENS`` tokens at a time (bounded float32 temporaries).
     """
     if dtype not in QUANT_MAX:
-        return tokens.to(dtype), None
-    stored = torch.empty(tokens.shape, dtype=dtype, device=tokens.device)
-    scales = torch.empty(tokens.shape[0], dtype=torch.float32, device=tokens.device)
+        return (tokens.to(dtype), None) if out is None else (out[0].copy_(tokens), None)
+    if out is None:
+        out = (
+            torch.empty(tokens.shape, dtype=dtype, device=tokens.device),
+            torch.empty(tokens.shape[0], dtype=torch.float32, device=tokens.device),
+        )
+    stored, scales = out
     for t0 in range(0, tokens.shape[0], CHUNK_TOKENS):
-        wide = tokens[t0 : t0 + CHUNK_TOKENS].float()
+        wide = tokens[t0 : t0 + CHUNK_TOKENS].to(stored.device, torch.float32)
         absmax = wide.abs().amax(dim=1) / QUANT_MAX[dtype]
         absmax = torch.where(absmax != 0, absmax, torch.ones_like(absmax))
         absmax = torch.where(absmax.isfinite(), absmax, torch.full_like(absmax, float("nan")))  # see above
@@ -204,12 +216,13 @@ class Index:
             new_ids = new_ids.to(torch.int64).cpu()
         if new_ids.unique().numel() != n or bool(torch.isin(new_ids, self.ids.cpu()).any()):
             raise ValueError("ids must be unique: a document with one of these ids is already in the index")
-        stored, scales = quantize(tokens.to(self.device), self.dtype)
-        used = self._n_tokens
-        self._token_buf = _append(self._token_buf, used, stored)
-        if scales is not None:
-            self._scale_buf = _append(self._scale_buf, used, scales)
-        self._n_tokens = used + stored.shape[0]
+        used, need = self._n_tokens, self._n_tokens + tokens.shape[0]
+        self._token_buf = _with_room(self._token_buf, used, need)
+        if self._scale_buf is not None:
+            self._scale_buf = _with_room(self._scale_buf, used, need)
+        new_scales = None if self._scale_buf is None else self._scale_buf[used:need]
+        quantize(tokens, self.dtype, out=(self._token_buf[used:need], new_scales))  # in place: no second copy
+        self._n_tokens = need
         ends = self.offsets[-1] + torch.tensor(lengths, dtype=torch.int64, device=self.device).cumsum(0)
         self.offsets = torch.cat([self.offsets, ends])
         in_order = len(self) == 0 or int(new_ids.min()) > int(self.ids.max())
@@ -255,7 +268,8 @@ class Index:
             raise TypeError("docs must be a non-empty list of [L, D] tensors or a tuple (tokens, cu_seqlens)")
         if tokens.shape[1] != self.dim:
             raise ValueError(f"documents have dim {tokens.shape[1]}, the index has dim {self.dim}")
-        largest = float(tokens.abs().amax()) if tokens.numel() else 0.0  # NaN or inf if any
+        lowest, highest = torch.aminmax(tokens)  # no |tokens| temporary: a corpus may fill the device
+        largest = float(torch.maximum(-lowest, highest))  # NaN or inf if any
         if not math.isfinite(largest):
             raise ValueError("documents hold NaN or infinite values, which quantized storage cannot keep")
         if self.dtype == torch.int8:
@@ -473,16 +487,14 @@ class Index:
         return index.to(device)
 
 
-def _append(buffer: torch.Tensor, used: int, rows: torch.Tensor) -> torch.Tensor:
-    """``rows`` written after the first ``used`` rows of ``buffer``; a new buffer, grown by at least a quarter,
-    when it has no room (the caller's rows are copied, never aliased)."""
-    need = used + rows.shape[0]
-    if buffer.shape[0] < need:
-        grown = buffer.new_empty((max(need, used + used // 4), *buffer.shape[1:]))
-        grown[:used] = buffer[:used]
-        buffer = grown
-    buffer[used:need] = rows
-    return buffer
+def _with_room(buffer: torch.Tensor, used: int, need: int) -> torch.Tensor:
+    """``buffer`` if it has ``need`` rows, else a new one, grown by at least a quarter, holding its first
+    ``used`` rows."""
+    if buffer.shape[0] >= need:
+        return buffer
+    grown = buffer.new_empty((max(need, used + used // 4), *buffer.shape[1:]))
+    grown[:used] = buffer[:used]
+    return grown
 
 
 def _check_loaded(tensors: dict, index: Index, path) -> None:
