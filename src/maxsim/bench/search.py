@@ -210,7 +210,7 @@ def run(
                 key = provider.removeprefix("index-")  # a query's 10 answers are not independent: per query
                 recall["recall_at_10"][key] = statistics.fmean(per_query)
                 recall["stderr"][key] = statistics.pstdev(per_query) / len(per_query) ** 0.5
-        del index
+        del index, search  # search holds the index too: free it before the next one is built
     measure("naive-chunked", lambda q: naive_chunked_topk(q, tokens, cu, K))
     read_at_full_size = n_docs >= FULL_DOCS and tuple(lengths_range) == LENGTHS
     return {
