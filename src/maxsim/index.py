@@ -95,7 +95,7 @@ def quantize(
         )
     stored, scales = out
     for t0 in range(0, tokens.shape[0], CHUNK_TOKENS):
-        wide = tokens[t0 : t0 + CHUNK_TOKENS].to(stored.device, torch.float32)
+        wide = tokens[t0 : t0 + CHUNK_TOKENS].to(stored.device).float()  # moved in its own dtype, then widened
         absmax = wide.abs().amax(dim=1) / QUANT_MAX[dtype]
         absmax = torch.where(absmax != 0, absmax, torch.ones_like(absmax))
         absmax = torch.where(absmax.isfinite(), absmax, torch.full_like(absmax, float("nan")))  # see above
