@@ -194,6 +194,40 @@ def test_quantize_into_out(dtype, source, monkeypatch):
     assert torch.equal(bits(index.tokens), bits(want_stored))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8], ids=dtype_id)
+def test_reserve_then_add_in_batches_copies_nothing(dtype):
+    """After ``reserve``, adds up to that many tokens write into the same storage (nothing stored is
+    copied), ``memory()`` reports the room left, and the index equals one built in one add; ``remove`` and
+    a move to another device drop the room, a move to the same device keeps it."""
+    docs = documents(30, 8, 5)
+    total = sum(doc.shape[0] for doc in docs)
+    index, at_once = maxsim.Index(8, dtype), maxsim.Index(8, dtype)
+    per_token = 8 * dtype.itemsize + (4 if dtype in QUANT_MAX else 0)  # bytes of a stored token and its scale
+    index.reserve(total + 7)
+    assert index.memory()["spare"] == (total + 7) * per_token
+    storage = index._token_buf.data_ptr()
+    for b0 in range(0, len(docs), 4):
+        index.add(docs[b0 : b0 + 4])
+        assert index._token_buf.data_ptr() == storage
+    at_once.add(docs)
+    assert torch.equal(index.tokens, at_once.tokens) and torch.equal(index.offsets, at_once.offsets)
+    assert index.memory()["spare"] == 7 * per_token and at_once.memory()["spare"] == 0
+    index.reserve(3)  # less than held: nothing changes
+    assert index._token_buf.data_ptr() == storage
+    assert index.to("cpu") is index and index._token_buf.data_ptr() == storage
+    q = integer_tokens((3, 4, 8), torch.float32, generator=torch.Generator().manual_seed(2)).half()
+    for got, want in zip(index.search(q, 5), at_once.search(q, 5), strict=True):
+        assert torch.equal(got, want)
+    index.remove([0])
+    assert index.memory()["spare"] == 0
+
+
+@pytest.mark.parametrize("bad, error", [(-1, ValueError), (2.0, TypeError), (True, TypeError), ("8", TypeError)])
+def test_reserve_rejects_bad_counts(bad, error):
+    with pytest.raises(error, match="tokens"):
+        maxsim.Index(8).reserve(bad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8], ids=dtype_id)
 def test_quantized_recall_on_clustered_tokens(dtype):
     """recall@10 of a quantized index against the exact float16 one. Issue 6's bar (>= 0.99) is for its

@@ -233,6 +233,22 @@ class Index:
             self._sort_by_id()
         return new_ids
 
+    def reserve(self, tokens: int) -> None:
+        """Room for ``tokens`` stored tokens in all (``memory()["spare"]`` reports it), so that adding them
+        copies nothing already stored. Without it, a corpus added in batches grows the storage by a quarter
+        at a time, and the last growth briefly holds the old storage beside the new one: 1.8 to 2.25 times
+        the final size. ``remove`` and a move to another device drop the spare room. Less than is held
+        already does nothing.
+        """
+        if isinstance(tokens, bool) or not isinstance(tokens, int):
+            raise TypeError(f"tokens must be a Python int (a count of tokens), got {type(tokens).__name__}")
+        if tokens < 0:
+            raise ValueError(f"tokens must be >= 0, got {tokens}")
+        if tokens > self._token_buf.shape[0]:
+            self._token_buf = _resized(self._token_buf, self._n_tokens, tokens)
+            if self._scale_buf is not None:
+                self._scale_buf = _resized(self._scale_buf, self._n_tokens, tokens)
+
     def _sort_by_id(self) -> None:
         """Reorder the documents (tokens, scales, offsets, lengths) by ascending id."""
         order = torch.argsort(self.ids)
@@ -421,8 +437,11 @@ class Index:
         return best_scores, self.ids[best_pos]
 
     def to(self, device: torch.device | str) -> Index:
-        """Move the index to ``device`` (in place); returns it."""
-        self._set_storage(self.tokens.to(device), None if self.scales is None else self.scales.to(device))
+        """Move the index to ``device`` (in place; its spare room is not moved); returns it."""
+        tokens = self.tokens.to(device)
+        if tokens.device == self.device:  # already there: keep the storage and its spare room
+            return self
+        self._set_storage(tokens, None if self.scales is None else self.scales.to(device))
         self.offsets = self.offsets.to(device)
         self.ids = self.ids.to(device)
         return self
@@ -492,7 +511,12 @@ def _with_room(buffer: torch.Tensor, used: int, need: int) -> torch.Tensor:
     ``used`` rows."""
     if buffer.shape[0] >= need:
         return buffer
-    grown = buffer.new_empty((max(need, used + used // 4), *buffer.shape[1:]))
+    return _resized(buffer, used, max(need, used + used // 4))
+
+
+def _resized(buffer: torch.Tensor, used: int, rows: int) -> torch.Tensor:
+    """A new buffer of ``rows`` rows holding the first ``used`` rows of ``buffer``."""
+    grown = buffer.new_empty((rows, *buffer.shape[1:]))
     grown[:used] = buffer[:used]
     return grown
 
