@@ -8,7 +8,7 @@ from helpers import dtype_id, integer_tokens
 
 import maxsim
 from maxsim.backends import torch_backend
-from maxsim.index import E4M3_SCALE_TRIES, QUANT_MAX, dequantize, int8_scales, quantize
+from maxsim.index import QUANT_MAX, dequantize, int8_scales, quantize
 
 STORAGE = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.int8)
 
@@ -248,19 +248,17 @@ def test_quantized_recall_on_clustered_tokens(dtype):
 
 
 def test_e4m3_scale_search():
-    """e4m3: each token's codes are those of one of the E4M3_SCALE_TRIES scales within an octave above
-    absmax, the best of them, refit so that <x, codes * scale> = |x|^2 (to float32 rounding); least error of
-    all tries, to the resolution of the float32 fit it is chosen by (a few float32 ulps of |x|^2: two tries
-    can be closer)."""
+    """e4m3: each token's codes are those of one of the 8 scales within an octave above absmax, the best
+    of them, refit so that <x, codes * scale> = |x|^2 (to float32 rounding); least error of all 8 tries, to
+    the resolution of the float32 fit it is chosen by (a few float32 ulps of |x|^2: two tries can be closer)."""
     x = torch.nn.functional.normalize(torch.randn(512, 128, generator=torch.Generator().manual_seed(30)), dim=-1)
     stored, scales = quantize(x, torch.float8_e4m3fn)
     err = dequantize(stored, scales, torch.float32) - x
     assert bool(((err * x).sum(1).abs() <= 1e-6).all())
     absmax = x.abs().amax(dim=1, keepdim=True) / 448
-    n = E4M3_SCALE_TRIES
-    tries = [(x / (absmax * 2.0 ** (k / n))).to(torch.float8_e4m3fn) for k in range(n)]
-    bits = torch.stack([t.view(torch.uint8) for t in tries])  # [n, T, D]
-    chosen = (bits == stored.view(torch.uint8)).all(dim=2)  # [n, T]: which tries gave the stored codes
+    tries = [(x / (absmax * 2.0 ** (k / 8))).to(torch.float8_e4m3fn) for k in range(8)]
+    bits = torch.stack([t.view(torch.uint8) for t in tries])  # [8, T, D]
+    chosen = (bits == stored.view(torch.uint8)).all(dim=2)  # [8, T]: which tries gave the stored codes
     assert bool(chosen.any(dim=0).all())
     errors = []
     for t in tries:
@@ -269,7 +267,7 @@ def test_e4m3_scale_search():
         errors.append((c * refit - x).square().sum(1))
     resolution = 4 * torch.finfo(torch.float32).eps * x.square().sum(1)
     assert bool((err.square().sum(1) <= torch.stack(errors).amin(0) + resolution).all())
-    assert err.square().sum(1).mean() < 0.9 * errors[0].mean()  # better than the absmax codes alone
+    assert err.square().sum(1).mean() < 0.95 * errors[0].mean()  # better than the absmax codes alone
     zero_stored, zero_scales = quantize(torch.zeros(2, 8), torch.float8_e4m3fn)
     assert bool((zero_stored.float() == 0).all()) and zero_scales.tolist() == [1.0, 1.0]
 

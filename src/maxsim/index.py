@@ -2,7 +2,7 @@
 
 Storage: document tokens packed ``[T, D]`` with int64 offsets ``[N+1]`` and int64 ids ``[N]``, in one of
 float16, bfloat16 (stored as given) or float8 e4m3 and int8 (each token scaled by its own float32 scale,
-``token ≈ stored * scale``; e4m3 codes at the best of 32 scales within an octave of ``max|token| / 448``,
+``token ≈ stored * scale``; e4m3 codes at the best of 8 scales within an octave of ``max|token| / 448``,
 each refit so that the error is orthogonal to the token; ``round(token / (max|token| / 127))`` for int8:
 see ``quantize``).
 
@@ -41,7 +41,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-E4M3_SCALE_TRIES = 32  # e4m3 scales tried per token, 2^(k/32) times the absmax one (see quantize)
+E4M3_SCALE_TRIES = 8  # e4m3 scales tried per token, 2^(k/8) times the absmax one (see quantize)
 
 
 def _e4m3_codes(
@@ -80,10 +80,8 @@ def quantize(
     the scale to ``|x|^2 / <x, codes>``, which makes the error orthogonal to the token ``x`` (a query close to
     a token, the similarities that decide a top-k, sees less of it); it keeps the try of least error
     (``scale_tries``: 1 tries the absmax scale alone, as ``Index.search`` does for queries). On
-    issue 6's clustered corpus (20,000 documents, 512 queries, built on the CPU, 16-bit queries) recall@10
-    against the exact float16 answer went 0.978 (absmax) -> 0.981 (refit) -> 0.985 (best of 8, 9% less
-    error) -> 0.988 (best of 32, 13% less; 64 tries 0.9885, 8 refined by 6 around the best 0.9865), int8
-    0.994. 32 tries cost four times the add time of 8 (CPU, 2 cores: about 30 s per million tokens).
+    issue 6's clustered corpus (20,000 documents, 512 queries, built on the CPU) recall@10 against the exact
+    float16 answer went 0.978 (absmax) -> 0.981 (refit) -> 0.985 (best of 8, 9% less error), int8 0.994.
     A zero token gets scale 1 and zero codes; a token with a NaN or infinite value scale NaN, so that what
     is scored with it is NaN (``Index.add`` refuses such documents; quantized queries propagate it).
     Works ``CHUNK_TOKENS`` tokens at a time (bounded float32 temporaries).
