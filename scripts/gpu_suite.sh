@@ -65,9 +65,8 @@ bench_rc=0
 
     if [ "${SKIP_TESTS:-0}" != "1" ]; then
         # pytest-xdist (in the GPU image): 16 workers share the GPU and the 16 cores, two CPU threads each; on
-        # an H100 machine test_gpu.py + test_triton.py + test_losses.py + test_compat.py took 130 s so and the
-        # rest 34 s. With torch's default of a thread per core in every worker the CPU tests thrash: 8 workers
-        # had not finished the suite after 530 s.
+        # an H100 machine the whole suite took about 100 s. With torch's default of a thread per core in every
+        # worker the CPU tests thrash: 8 such workers had not finished it after 560 s.
         workers=()
         if "$PY" -c 'import xdist' 2>/dev/null; then
             workers=(-n "${PYTEST_WORKERS:-16}" -p no:cacheprovider)

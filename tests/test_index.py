@@ -174,15 +174,16 @@ def test_quantize_into_out(dtype, source, monkeypatch):
     """``quantize(..., out=)`` writes into the given tensors what it returns without them, over several
     chunks, and leaves ``tokens`` as it was; ``Index.add`` quantizes into its own storage (one add of a
     float16 corpus to a float16 index copies it once, never aliases it)."""
+
+    def bits(t: torch.Tensor) -> torch.Tensor:  # float8 compared as bytes
+        return t.view(torch.uint8) if t.dtype.itemsize == 1 else t
+
     monkeypatch.setattr(maxsim.index, "CHUNK_TOKENS", 16)
     x = torch.randn(53, 12, generator=torch.Generator().manual_seed(3)).to(source)
     kept = x.clone()
     want_stored, want_scales = quantize(x, dtype)
     out = (torch.empty(53, 12, dtype=dtype), torch.empty(53) if dtype in QUANT_MAX else None)
     got_stored, got_scales = quantize(x, dtype, out=out)
-    def bits(t: torch.Tensor) -> torch.Tensor:  # float8 compared as bytes
-        return t.view(torch.uint8) if t.dtype.itemsize == 1 else t
-
     assert got_stored is out[0] and got_scales is out[1] and torch.equal(x, kept)
     assert torch.equal(bits(got_stored), bits(want_stored))
     if dtype in QUANT_MAX:
