@@ -217,9 +217,8 @@ class Index:
         if new_ids.unique().numel() != n or bool(torch.isin(new_ids, self.ids.cpu()).any()):
             raise ValueError("ids must be unique: a document with one of these ids is already in the index")
         used, need = self._n_tokens, self._n_tokens + tokens.shape[0]
-        self._token_buf = _with_room(self._token_buf, used, need)
-        if self._scale_buf is not None:
-            self._scale_buf = _with_room(self._scale_buf, used, need)
+        if self._token_buf.shape[0] < need:  # grown by at least a quarter: many small adds copy a few times
+            self._resize_storage(max(need, used + used // 4))
         new_scales = None if self._scale_buf is None else self._scale_buf[used:need]
         quantize(tokens, self.dtype, out=(self._token_buf[used:need], new_scales))  # in place: no second copy
         self._n_tokens = need
@@ -245,9 +244,13 @@ class Index:
         if tokens < 0:
             raise ValueError(f"tokens must be >= 0, got {tokens}")
         if tokens > self._token_buf.shape[0]:
-            self._token_buf = _resized(self._token_buf, self._n_tokens, tokens)
-            if self._scale_buf is not None:
-                self._scale_buf = _resized(self._scale_buf, self._n_tokens, tokens)
+            self._resize_storage(tokens)
+
+    def _resize_storage(self, rows: int) -> None:
+        """New token (and scale) buffers of ``rows`` rows holding what is stored."""
+        self._token_buf = _resized(self._token_buf, self._n_tokens, rows)
+        if self._scale_buf is not None:
+            self._scale_buf = _resized(self._scale_buf, self._n_tokens, rows)
 
     def _sort_by_id(self) -> None:
         """Reorder the documents (tokens, scales, offsets, lengths) by ascending id."""
@@ -504,14 +507,6 @@ class Index:
         index._lengths = (index.offsets[1:] - index.offsets[:-1]).tolist()
         index._host_starts = None
         return index.to(device)
-
-
-def _with_room(buffer: torch.Tensor, used: int, need: int) -> torch.Tensor:
-    """``buffer`` if it has ``need`` rows, else a new one, grown by at least a quarter, holding its first
-    ``used`` rows."""
-    if buffer.shape[0] >= need:
-        return buffer
-    return _resized(buffer, used, max(need, used + used // 4))
 
 
 def _resized(buffer: torch.Tensor, used: int, rows: int) -> torch.Tensor:

@@ -168,11 +168,12 @@ def peer_searches(tokens: torch.Tensor, cu: torch.Tensor, device: torch.device) 
     """Issue 6's peers as searches ``q [Nq, Lq, D] float16 -> (scores, ids) [Nq, K]``, and why any is left
     out (not installed, not CUDA, or its corpus does not fit)."""
     searches, skipped = {}, {}
+    longest = int((cu[1:] - cu[:-1]).max())
     why = baselines.FlashMaxSim().available(device)
     if why is None:
         import flash_maxsim as fm
 
-        cu32, longest = cu.to(torch.int32), int((cu[1:] - cu[:-1]).max())
+        cu32 = cu.to(torch.int32)
 
         def flash_search(q):  # its packed kernel scores one query against the corpus
             return torch.stack([fm.flash_maxsim_packed(one, tokens, cu32, longest) for one in q]).topk(K, dim=1)
@@ -180,8 +181,7 @@ def peer_searches(tokens: torch.Tensor, cu: torch.Tensor, device: torch.device) 
         searches["flash-maxsim"] = flash_search
     else:
         skipped["flash-maxsim"] = why
-    lengths = cu[1:] - cu[:-1]
-    padded_bytes = (cu.shape[0] - 1) * int(lengths.max()) * (DIM * tokens.element_size() + 1 + 8)  # rows too
+    padded_bytes = (cu.shape[0] - 1) * longest * (DIM * tokens.element_size() + 1 + 8)  # rows too
     why = baselines.LateInteractionKernels().available(device) or _room(padded_bytes, device)
     if why is None:
         import late_interaction_kernels as lik
