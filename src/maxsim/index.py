@@ -237,7 +237,8 @@ class Index:
         copies nothing already stored. Without it, a corpus added in batches grows the storage by a quarter
         at a time, and the last growth briefly holds the old storage beside the new one: 1.8 to 2.25 times
         the final size. ``remove`` and a move to another device drop the spare room. Less than is held
-        already does nothing.
+        already does nothing. ``tokens`` that is not a Python int is a ``TypeError``, a negative one a
+        ``ValueError``.
         """
         if isinstance(tokens, bool) or not isinstance(tokens, int):
             raise TypeError(f"tokens must be a Python int (a count of tokens), got {type(tokens).__name__}")
