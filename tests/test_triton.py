@@ -409,10 +409,16 @@ def _varlen_naive(q, cu_q, d, cu_d, pairs, normalize):
 RUN = configs.FwdConfig(block_q=64, block_l=16, block_d=16, num_warps=4, num_stages=1, lane_max=False, doc_run=4)
 
 
+# documents per run of 4 (block_l 16): "mixed" has runs with documents shorter than a tile; in "long" every
+# document fills at least a tile (ending on a tile's edge: 16, 48)
+RUN_LENGTHS = {"mixed": [37, 2, 16, 33, 1, 15, 50], "long": [37, 16, 33, 17, 48, 16, 50]}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("block_q", [16, 64], ids=["query-blocks", "packed-queries"])
 @pytest.mark.parametrize("tokens", ["exact", "normalize", "nan", "int8-codes", "e4m3-codes"])
-def test_varlen_runs_of_documents(tokens, block_q, dtype, monkeypatch):
+@pytest.mark.parametrize("lengths", list(RUN_LENGTHS))
+def test_varlen_runs_of_documents(lengths, tokens, block_q, dtype, monkeypatch):
     """All pairs without argmax take runs of ``docs`` documents per program: documents ending on a
     tile's edge or inside one, shorter than a tile, longer than several tiles, a last run cut short (7
     documents in runs of 4); queries of 1 to 20 tokens (block_q 16: two query blocks; 64: 4 queries packed
@@ -423,14 +429,14 @@ def test_varlen_runs_of_documents(tokens, block_q, dtype, monkeypatch):
 
     monkeypatch.setattr(varlen, "RUN_WAVES", 0)
     g = torch.Generator().manual_seed(67)
-    q_len, d_len = [13, 1, 7, 20, 5], [37, 2, 16, 33, 1, 15, 50]
+    q_len, d_len = [13, 1, 7, 20, 5], RUN_LENGTHS[lengths]
     cu_q = torch.tensor([0, *torch.tensor(q_len).cumsum(0).tolist()], dtype=torch.int32)
     cu_d = torch.tensor([0, *torch.tensor(d_len).cumsum(0).tolist()], dtype=torch.int64)
     q = integer_tokens((sum(q_len), 20), dtype, generator=g)
     d = integer_tokens((sum(d_len), 20), dtype, generator=g)
     kw, q_ref, d_ref = {}, q.double(), d.double()
     if tokens == "nan":
-        d[42, 3] = float("nan")  # document 2's fourth token
+        d[cu_d[2] + 3, 3] = float("nan")  # document 2's fourth token
         d_ref = d.double()
     if tokens.endswith("codes"):
         code_dtype = torch.int8 if tokens == "int8-codes" else torch.float8_e4m3fn

@@ -100,6 +100,12 @@ DEFAULT = FwdConfig()
 # 4 stages 11.34, 2 stages 12.58, block_q 128 12.94, 8 warps 16.3, block_l 128 19.2, elementwise maximum 24.5;
 # "packed-f8" 10.42 as it is, elementwise maximum 10.26, 4 stages 10.60, runs of 8 10.68 / 1 10.87 / 64 11.07,
 # block_l 32 11.73, block_q 128 11.94, 2 stages 12.19, 8 warps 15.74, block_l 128 18.1: the row stays.
+# The packed search kernel summing a document's row maxima only on its last tile (not every tile: a reduction
+# across warps) and launching the query groups of a run of documents together (they read its tiles once from
+# memory, then from the L2): scripts/probe_search.py (kernel only, 32 queries, H100, 2026-12-06): float16 13.83 ->
+# 12.73 ms (launch order alone 13.11), e4m3 index 10.76 -> 10.06. Tiles running across document ends (no part
+# empty last tiles) measured 13.66: two more row reductions on each tile holding an end cost more than the
+# empty columns they saved.
 # BEGIN TABLE
 TABLE: dict[tuple[str, str], FwdConfig] = {
     ("sm_90", "flops"): FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2, False, 1),

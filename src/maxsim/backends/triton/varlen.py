@@ -68,9 +68,9 @@ def _score_run_of_docs(
     one tile loop over all their tiles (the software pipeline runs on from one document into the next).
 
     Tile ``t`` is found from the documents' tile counts (one reduction over ``DOCS`` lanes); each tile's
-    row maxima merge into a running maximum that is written out (summed per query) and reset on a
-    document's last tile. Every document has a token (``cu_seqlens`` are validated so): one without
-    would not be written. No argmax, no split.
+    row maxima merge into a running maximum. On a document's last tile the maxima are summed per query
+    (a reduction across warps, so only there), written out and reset. Every document has a token
+    (``cu_seqlens`` are validated so): one without would not be written. No argmax, no split.
     """
     SLOTS: tl.constexpr = BLOCK_Q // QPACK
     lane = tl.arange(0, DOCS)
@@ -84,7 +84,8 @@ def _score_run_of_docs(
 
     query = first_query + tl.arange(0, QPACK)
     query_ok = query < R // Nd
-    out = score_ptr + qb.to(tl.int64) * R + query * Nd  # [QPACK] row starts of this block's sums
+    out = score_ptr + qb.to(tl.int64) * R + query * Nd + first_doc  # [QPACK] rows, at the run's first doc
+    no_sums = tl.zeros([QPACK], tl.float32)
 
     offs_l = tl.arange(0, BLOCK_L)
     best = tl.full([BLOCK_Q], float("-inf"), tl.float32)
@@ -103,13 +104,17 @@ def _score_run_of_docs(
         if left < BLOCK_L:  # a document's last tile, part real: the rest cannot win
             sim = tl.where(real[None, :], sim, float("-inf"))
         best = _nanmax(best, _row_nanmax(sim))
-        row_best = best
-        if Q_SCALED and not NORMALIZE:
-            row_best = best * q_inv
-        total = tl.sum(tl.reshape(tl.where(q_in, row_best, 0.0), [QPACK, SLOTS]), 1)
-        last = tl.zeros([QPACK], tl.int32) + left <= BLOCK_L  # a vector (the interpreter's masks need one)
-        tl.store(out + first_doc + j, total, mask=query_ok & last)
-        best = tl.where(left <= BLOCK_L, float("-inf"), best)
+        last = left <= BLOCK_L
+        if last:  # (a dot result first read inside a branch broke Triton 3.6's sm_90 software pipeliner)
+            row_best = best
+            if Q_SCALED and not NORMALIZE:
+                row_best = best * q_inv
+            sums = tl.sum(tl.reshape(tl.where(q_in, row_best, 0.0), [QPACK, SLOTS]), 1)
+            best = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+        else:
+            sums = no_sums
+        # (a vector mask: the interpreter's masks need one)
+        tl.store(out + j, sums, mask=query_ok & (no_sums + last.to(tl.float32) > 0))
 
 
 @triton.jit
@@ -132,9 +137,11 @@ def _maxsim_varlen_kernel(
         qi = tl.load(qid_ptr + pair).to(tl.int64)
         di = tl.load(did_ptr + pair).to(tl.int64)
     else:
-        n_runs = (Nd + DOCS - 1) // DOCS
-        qi = (pair // n_runs).to(tl.int64) * QPACK
-        di = (pair % n_runs).to(tl.int64) * DOCS
+        # the query groups of a document (run) are neighbours in launch order, so they run together and all
+        # but the first read its tiles from the L2
+        n_groups = (R // Nd + QPACK - 1) // QPACK
+        qi = (pair % n_groups).to(tl.int64) * QPACK
+        di = (pair // n_groups).to(tl.int64) * DOCS
     first_query = qi
     query_ok = None
     if QPACK > 1:  # all pairs only: row r holds token r % SLOTS of query qi + r // SLOTS
