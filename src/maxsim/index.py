@@ -87,7 +87,11 @@ def quantize(
     Works ``CHUNK_TOKENS`` tokens at a time (bounded float32 temporaries).
     """
     if dtype not in QUANT_MAX:
-        return (tokens.to(dtype), None) if out is None else (out[0].copy_(tokens), None)
+        if out is None:
+            return tokens.to(dtype), None
+        for t0 in range(0, tokens.shape[0], CHUNK_TOKENS):  # a chunk at a time, as below
+            out[0][t0 : t0 + CHUNK_TOKENS].copy_(tokens[t0 : t0 + CHUNK_TOKENS])
+        return out[0], None
     if out is None:
         out = (
             torch.empty(tokens.shape, dtype=dtype, device=tokens.device),
