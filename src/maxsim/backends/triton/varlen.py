@@ -41,22 +41,6 @@ from .launch import Launcher
 
 
 @triton.jit
-def _add3(a0, a1, a2, b0, b1, b2):
-    return a0 + b0, a1 + b1, a2 + b2
-
-
-@triton.jit
-def _run_tile(t, tile_begin, tile_end, starts, lens, lane, BLOCK_L: tl.constexpr):
-    """Tile ``t`` of a run of documents: its first token, the tokens left in its document from there, and
-    its document's lane (zeros past the run's last tile)."""
-    here = (tile_begin <= t) & (t < tile_end)
-    done = (t - tile_begin) * BLOCK_L  # tokens of the document before this tile
-    return tl.reduce(
-        (tl.where(here, starts + done, 0), tl.where(here, lens - done, 0), tl.where(here, lane, 0)), 0, _add3
-    )
-
-
-@triton.jit
 def _score_run_of_docs(
     q_tile, q_rows, q_in, q_inv, first_query, first_doc, d_ptr, ds_ptr, cu_d_ptr, score_ptr, Nd, R, D, qb,
     sq_k, sd_l, sd_k,
@@ -67,8 +51,9 @@ def _score_run_of_docs(
     """Score the ``QPACK`` queries of the rows against documents ``first_doc .. first_doc + DOCS - 1`` in
     one tile loop over all their tiles (the software pipeline runs on from one document into the next).
 
-    Tile ``t`` is found from the documents' tile counts (one reduction over ``DOCS`` lanes); each tile's
-    row maxima merge into a running maximum, written out (summed per query) and reset on a document's last
+    Each tile's place (first token, tokens left in its document, the document's lane) is stepped from the
+    last one's, a tile ahead (one warp reduction finds the next document's length); each tile's row maxima
+    merge into a running maximum, written out (summed per query) and reset on a document's last
     tile. With several queries in the rows the sums (a reduction across warps) are taken on that tile only
     (float16, 32 queries of issue 6: 12.73 ms against 13.11), with one on every tile (issue 6's e4m3 search of
     one query: 1.05 ms against 1.13, H100, 2026-12-06). Every document has a token
@@ -81,8 +66,6 @@ def _score_run_of_docs(
     starts = tl.load(cu_d_ptr + doc, mask=doc_ok, other=0).to(tl.int64)
     lens = (tl.load(cu_d_ptr + doc + 1, mask=doc_ok, other=0).to(tl.int64) - starts).to(tl.int32)
     tiles = (lens + BLOCK_L - 1) // BLOCK_L
-    tile_end = tl.cumsum(tiles, 0)
-    tile_begin = tile_end - tiles
 
     query = first_query + tl.arange(0, QPACK)
     query_ok = query < R // Nd
@@ -90,17 +73,25 @@ def _score_run_of_docs(
     no_sums = tl.zeros([QPACK], tl.float32)
 
     offs_l = tl.arange(0, BLOCK_L)
+    col_offs = offs_l.to(tl.int64) * sd_l  # a tile's token rows from its first (the same for every tile)
     best = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-    next_tok0, next_left, next_j = _run_tile(0, tile_begin, tile_end, starts, lens, lane, BLOCK_L)
+    # a tile: its first token, the tokens left in its document from there, its document's lane
+    next_tok0 = tl.load(cu_d_ptr + first_doc).to(tl.int64)
+    next_left = tl.sum(tl.where(lane == 0, lens, 0), 0)
+    next_j = 0
     next_scale = _tile_scales(ds_ptr + next_tok0 + offs_l, offs_l < next_left, BLOCK_L, D_SCALED)
-    for t in range(0, tl.sum(tiles, 0)):
+    for _ in range(0, tl.sum(tiles, 0)):
         tok0, left, j, d_scale = next_tok0, next_left, next_j, next_scale  # scales loaded a tile ahead
-        next_tok0, next_left, next_j = _run_tile(t + 1, tile_begin, tile_end, starts, lens, lane, BLOCK_L)
+        # the next tile: the document's next BLOCK_L tokens, or the next document's first (none past the run)
+        goes_on = left > BLOCK_L
+        following = tl.sum(tl.where(lane == j + 1, lens, 0), 0)
+        next_tok0 = tl.where(goes_on, tok0 + BLOCK_L, tok0 + left)
+        next_left = tl.where(goes_on, left - BLOCK_L, following)
+        next_j = tl.where(goes_on, j, j + 1)
         next_scale = _tile_scales(ds_ptr + next_tok0 + offs_l, offs_l < next_left, BLOCK_L, D_SCALED)
         real = offs_l < left
-        toks = tok0 + offs_l.to(tl.int64)
         sim = _tile_similarities(
-            q_tile, q_rows, q_in, q_inv, d_ptr + toks[None, :] * sd_l, d_scale, real, D, sq_k, sd_k,
+            q_tile, q_rows, q_in, q_inv, d_ptr + tok0 * sd_l + col_offs[None, :], d_scale, real, D, sq_k, sd_k,
             BLOCK_Q, BLOCK_L, BLOCK_D, NORMALIZE, SINGLE_D, PREC, D_SCALED,
         )  # fmt: skip
         if left < BLOCK_L:  # a document's last tile, part real: the rest cannot win
