@@ -405,6 +405,18 @@ def _varlen_naive(q, cu_q, d, cu_d, pairs, normalize):
     return out.reshape(nq, nd) if pairs is None else out
 
 
+def test_run_max_registers_keeps_two_programs_per_multiprocessor():
+    """A runs launch of 8 warps on NVIDIA is capped at 128 registers (2 x 256 threads x 128 = the 65536 of
+    a multiprocessor); 4 warps need no cap below the hardware's 255; AMD and the interpreter get none."""
+    from maxsim.backends.triton.varlen import run_max_registers
+
+    assert run_max_registers("sm_90", 8) == 128
+    assert run_max_registers("sm_80", 16) == 64
+    assert run_max_registers("sm_90", 4) is None
+    assert run_max_registers("gfx-gfx942", 8) is None
+    assert run_max_registers("cpu", 8) is None
+
+
 # runs of documents (all pairs without argmax): 4 documents per program in one tile loop
 RUN = configs.FwdConfig(block_q=64, block_l=16, block_d=16, num_warps=4, num_stages=1, lane_max=False, doc_run=4)
 

@@ -40,19 +40,23 @@ class Launcher:
         self.compiled: dict = {}
 
     @staticmethod
-    def _key(device: int, tensors: tuple, ints: tuple, values: tuple, num_warps: int, num_stages: int) -> tuple:
+    def _key(
+        device: int, tensors: tuple, ints: tuple, values: tuple, num_warps: int, num_stages: int, maxnreg: int | None
+    ) -> tuple:
         return (
-            device, values, num_warps, num_stages, ints,
+            device, values, num_warps, num_stages, maxnreg, ints,
             *[(t.dtype, (t.data_ptr() & 15) == 0) for t in tensors],
         )  # fmt: skip
 
-    def compiled_for(self, tensors: tuple, ints: tuple, constexprs: dict, num_warps: int, num_stages: int):
+    def compiled_for(
+        self, tensors: tuple, ints: tuple, constexprs: dict, num_warps: int, num_stages: int, maxnreg: int | None = None
+    ):
         """The compiled kernel a launch with these arguments on the current device takes, once one such
         launch ran (None before, and always in the interpreter): for callers that launch it themselves."""
         if self.interpreted:
             return None
         key = self._key(
-            torch.cuda.current_device(), tensors, ints, tuple(constexprs.values()), num_warps, num_stages
+            torch.cuda.current_device(), tensors, ints, tuple(constexprs.values()), num_warps, num_stages, maxnreg
         )
         return self.compiled.get(key)
 
@@ -64,6 +68,7 @@ class Launcher:
         constexprs: dict,
         num_warps: int,
         num_stages: int,
+        maxnreg: int | None = None,
     ) -> None:
         """Run the kernel on the current device and stream.
 
@@ -71,19 +76,21 @@ class Launcher:
             grid: the number of programs, or a grid of up to three dims.
             tensors: the tensor arguments in parameter order; ints: the int arguments (Python ints).
             constexprs: every constexpr parameter by name, in parameter order.
+            maxnreg: registers per thread at most (NVIDIA only; None: the compiler's choice).
         """
         grid = (grid, 1, 1) if isinstance(grid, int) else (*grid, 1, 1)[:3]
+        options = {"num_warps": num_warps, "num_stages": num_stages}
+        if maxnreg is not None:
+            options["maxnreg"] = maxnreg
         if self.interpreted:
-            self.kernel[grid](*tensors, *ints, **constexprs, num_warps=num_warps, num_stages=num_stages)
+            self.kernel[grid](*tensors, *ints, **constexprs, **options)
             return
         values = tuple(constexprs.values())
         device = torch.cuda.current_device()
-        key = self._key(device, tensors, ints, values, num_warps, num_stages)
+        key = self._key(device, tensors, ints, values, num_warps, num_stages, maxnreg)
         compiled = self.compiled.get(key)
         if compiled is None or launch_hooks_set():
-            compiled = self.kernel[grid](
-                *tensors, *ints, **constexprs, num_warps=num_warps, num_stages=num_stages
-            )
+            compiled = self.kernel[grid](*tensors, *ints, **constexprs, **options)
             if len(self.compiled) >= MAX_KEYS:
                 self.compiled.clear()
             self.compiled[key] = compiled

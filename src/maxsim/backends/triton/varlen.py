@@ -183,6 +183,18 @@ def _maxsim_varlen_kernel(
 _VARLEN = Launcher(_maxsim_varlen_kernel, INTERPRETED.value)
 
 RUN_WAVES = 8  # runs of documents keep at least this many programs per multiprocessor
+REGISTER_FILE = 65536  # 32-bit registers of an NVIDIA multiprocessor (sm_70 to sm_90)
+RUN_PROGRAMS = 2  # programs of a runs-of-documents launch that share a multiprocessor
+
+
+def run_max_registers(arch: str, num_warps: int) -> int | None:
+    """The register cap per thread of a runs-of-documents launch on NVIDIA (None elsewhere, or when no cap
+    is needed): ``RUN_PROGRAMS`` programs per multiprocessor, so one's tile loop runs while another waits on
+    its tensor cores. Without it the float16 packed kernel of 8 warps took 128 registers with runs of 32 and
+    132 with runs of 8: one program per multiprocessor, 14.4 ms against 10.8 (issue 6's 32-query search,
+    kernel only, H100, 2026-12-06); capped at 128 it compiles without spills."""
+    cap = REGISTER_FILE // (RUN_PROGRAMS * 32 * num_warps)
+    return cap if arch.startswith("sm_") and cap < 255 else None
 
 
 def run_length(docs: int, groups: int, nd: int, sms: int) -> int:
@@ -249,7 +261,7 @@ def maxsim_varlen_fwd(
     if q.dtype == torch.float8_e4m3fn:  # sm_90's float8 dots (wgmma) take 64 rows; fewer widen the codes
         block_q = max(block_q, 64)  # to float16 for mma.sync: one e4m3 query measured 1.30 ms against int8's 1.04
     n_qb = cdiv(max_lq, block_q // qpack)
-    sms = device_info(q.device)[1]
+    arch, sms = device_info(q.device)
     docs = 1
     if not (listed or return_argmax or n_split is not None or (d_scales is not None and q_scales is None)):
         # (codes widened to 16 bits measured 2-3x slower in a run: 42 against 15-20 ms, H100)
@@ -277,6 +289,7 @@ def maxsim_varlen_fwd(
             ),
             cfg.num_warps,
             cfg.num_stages,
+            run_max_registers(arch, cfg.num_warps) if docs > 1 else None,
         )  # fmt: skip
         finish(score_out, pmax, pidx, scores, argmax, R, max_lq, n_split)
     return scores, argmax
