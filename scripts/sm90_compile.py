@@ -8,9 +8,11 @@ of the tile loop issues. Fewer instructions is no speed claim; only the GPU says
 
     pip install --no-deps --target /tmp/triton36 triton==3.6.0      # once: the GPU image's version
     PYTHONPATH=/tmp/triton36:src python scripts/sm90_compile.py [--dtype float16|float8|int8] \\
-        [--block-q 256] [--block-l 64] [--qpack 8] [--docs 32] [--warps 8] [--stages 3]
+        [--block-q 256] [--block-l 64] [--qpack 8] [--docs 32] [--warps 8] [--stages 3] [--maxnreg N]
 
-The defaults are the "packed" row (32 queries of 32 tokens, as in issue 6's search). The loop reported is the
+The defaults are the "packed" row (32 queries of 32 tokens, as in issue 6's search), with the register cap
+that ``varlen.run_max_registers`` gives a runs launch of that many warps unless ``--maxnreg`` says otherwise
+(0: none). The loop reported is the
 one holding the first warpgroup tensor-core instruction (HGMMA / IGMMA ...), from its wait for loaded tiles to its next copy issue.
 """
 
@@ -56,8 +58,13 @@ def compile_varlen(args) -> triton.compiler.CompiledKernel:
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned},
     )  # fmt: skip
     return triton.compile(
-        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": args.warps, "num_stages": args.stages}
-    )
+        source, target=GPUTarget("cuda", 90, 32), options=launch_options(args))
+
+
+def launch_options(args) -> dict:
+    maxnreg = varlen.run_max_registers("sm_90", args.warps) if args.maxnreg is None else args.maxnreg or None
+    options = {"num_warps": args.warps, "num_stages": args.stages}
+    return options if maxnreg is None or args.docs == 1 else options | {"maxnreg": maxnreg}
 
 
 def loop_instructions(sass: str) -> list[str]:
@@ -82,6 +89,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=32)
     parser.add_argument("--warps", type=int, default=8)
     parser.add_argument("--stages", type=int, default=3)
+    parser.add_argument("--maxnreg", type=int, default=None)
     args = parser.parse_args()
     kernel = compile_varlen(args)
     ttgir = kernel.asm["ttgir"]
@@ -93,7 +101,8 @@ def main() -> None:
     registers = next(word for word in usage.stdout.split() if word.startswith("REG:"))
     body = loop_instructions(kernel.asm["sass"])
     print(f"triton {triton.__version__}, sm_90, {args}")
-    print(f"{registers.removeprefix('REG:')} registers, {kernel.metadata.shared} bytes of shared memory, "
+    spilled = next(word for word in usage.stdout.split() if word.startswith("LOCAL:"))
+    print(f"{registers.removeprefix('REG:')} registers ({spilled} bytes spilled), {kernel.metadata.shared} bytes of shared memory, "
           f"{ttgir.count('ttg.async_copy_global_to_local')} async tile copies in the TTGIR")  # fmt: skip
     print(f"tile loop: {len(body)} instructions (branches included)")
     for op, count in collections.Counter(map(line_op, body)).most_common(16):
