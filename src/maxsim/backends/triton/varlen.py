@@ -39,6 +39,8 @@ from .forward import (
 )
 from .launch import Launcher
 
+ROW_GROUP = tl.constexpr(16)  # rows of one warp in a block of sm_80 / sm_90 tensor-core results
+
 
 @triton.jit
 def _score_run_of_docs(
@@ -54,12 +56,14 @@ def _score_run_of_docs(
     Each tile's place (first token, tokens left in its document, the document's lane) is stepped from the
     last one's, a tile ahead (one warp reduction finds the next document's length); each tile's row maxima
     merge into a running maximum, written out (summed per query) and reset on a document's last
-    tile. With several queries in the rows the sums (a reduction across warps) are taken on that tile only
+    tile. A query's rows sit in one warp (``GROUP`` rows each turn), so its sum is a reduction inside that
+    warp. With several queries in the rows the sums are taken on that tile only
     (float16, 32 queries of issue 6: 12.73 ms against 13.11), with one on every tile (issue 6's e4m3 search of
     one query: 1.05 ms against 1.13, H100, 2026-12-06). Every document has a token
     (``cu_seqlens`` are validated so): one without would not be written. No argmax, no split.
     """
     SLOTS: tl.constexpr = BLOCK_Q // QPACK
+    GROUP: tl.constexpr = min(SLOTS, ROW_GROUP)
     lane = tl.arange(0, DOCS)
     doc = first_doc + lane
     doc_ok = doc < Nd
@@ -102,7 +106,8 @@ def _score_run_of_docs(
             row_best = best
             if Q_SCALED and not NORMALIZE:
                 row_best = best * q_inv
-            sums = tl.sum(tl.reshape(tl.where(q_in, row_best, 0.0), [QPACK, SLOTS]), 1)
+            rows = tl.reshape(tl.where(q_in, row_best, 0.0), [SLOTS // GROUP, QPACK, GROUP])
+            sums = tl.sum(tl.sum(rows, 2), 0)
         else:
             sums = no_sums
         # (a vector mask: the interpreter's masks need one)
@@ -125,6 +130,7 @@ def _maxsim_varlen_kernel(
     split = rest % n_split
     pair = rest // n_split  # all pairs: query (group) * document runs + run of DOCS documents
     SLOTS: tl.constexpr = BLOCK_Q // QPACK
+    GROUP: tl.constexpr = min(SLOTS, ROW_GROUP) if DOCS > 1 else SLOTS
     r = tl.arange(0, BLOCK_Q)
     if LISTED:  # DOCS == 1
         qi = tl.load(qid_ptr + pair).to(tl.int64)
@@ -137,15 +143,19 @@ def _maxsim_varlen_kernel(
         di = (pair // n_groups).to(tl.int64) * DOCS
     first_query = qi
     query_ok = None
-    if QPACK > 1:  # all pairs only: row r holds token r % SLOTS of query qi + r // SLOTS
-        qi = qi + r // SLOTS
+    # all pairs with QPACK > 1: row r holds a token of query qi + (r // GROUP) % QPACK, the queries taking
+    # GROUP rows in turn (with runs of documents, GROUP is the rows of a warp in the tensor cores' layout: a
+    # query's rows then sit in one warp, and its sum is a reduction inside it)
+    slot = (r // (GROUP * QPACK)) * GROUP + r % GROUP
+    if QPACK > 1:
+        qi = qi + (r // GROUP) % QPACK
         query_ok = qi < R // Nd
         q_start = tl.load(cu_q_ptr + qi, mask=query_ok, other=0).to(tl.int64)
         lq = (tl.load(cu_q_ptr + qi + 1, mask=query_ok, other=0).to(tl.int64) - q_start).to(tl.int32)
     else:
         q_start = tl.load(cu_q_ptr + qi).to(tl.int64)
         lq = (tl.load(cu_q_ptr + qi + 1).to(tl.int64) - q_start).to(tl.int32)
-    offs_q = qb * SLOTS + r % SLOTS
+    offs_q = qb * SLOTS + slot
     q_in = offs_q < lq
     q_rows = q_ptr + (q_start + offs_q.to(tl.int64))[:, None] * sq_l
     q_tile, q_inv = _load_query(q_rows, q_in, D, sq_k, BLOCK_Q, BLOCK_D, NORMALIZE, SINGLE_D)
