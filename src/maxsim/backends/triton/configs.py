@@ -111,6 +111,10 @@ DEFAULT = FwdConfig()
 # call): float16 "packed" 12.36 -> 10.80 ms (4 warps 11.43, runs of 64 11.26, 2 stages 11.83, block_q 128 on 4
 # warps 12.8); e4m3 index 9.94 -> 9.04; int8 index with runs of 32 9.32 (runs of 1 10.14, of 8 13.8, block_l 64
 # 9.70): "packed-i8" takes runs of 32.
+# The quantized rows swept again with a query's rows in one warp (282483e; same probe, H100, 2026-12-06; float16
+# 11.01 ms): "packed-f8" 8.36 (4 stages 8.22, 8 warps 9.16, block_q 128 9.08, block_l 32 9.06, runs of 1 10.85;
+# before 282483e 4 stages measured 9.08 against 8.99: the row stays); "packed-i8" 9.01 (4 stages 9.02, block_l
+# 64 9.20, block_q 128 9.79, 8 warps 10.22, runs of 1 10.24).
 # BEGIN TABLE
 TABLE: dict[tuple[str, str], FwdConfig] = {
     ("sm_90", "flops"): FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2, False, 1),
