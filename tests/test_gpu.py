@@ -465,6 +465,24 @@ def test_topk_beyond_2_31_elements():
     assert index.search(q, 3)[1][:, 0].tolist() == planted
 
 
+def test_topk_in_one_chunk_never_waits_on_the_device():
+    """Once a packed corpus' offsets are checked (remembered for that tensor), a ``topk`` whose corpus fits one
+    chunk reads nothing back from the GPU: torch's sync debug mode raises on any device-to-host wait."""
+    lengths = torch.randint(1, 300, (500,), generator=torch.Generator().manual_seed(5))
+    cu = torch.zeros(501, dtype=torch.int64)
+    cu[1:] = lengths.cumsum(0)
+    cu = cu.to(CUDA)
+    d = tokens((int(lengths.sum()), 128), torch.float16, 6)
+    q = tokens((4, 32, 128), torch.float16, 7)
+    want = maxsim.topk(q, d, 5, cu_seqlens_d=cu)  # checks the offsets: one sync
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = maxsim.topk(q, d, 5, cu_seqlens_d=cu)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("quantize_queries", [False, True], ids=["wide-queries", "quantized-queries"])
 @pytest.mark.parametrize("qdtype", [torch.int8, torch.float8_e4m3fn], ids=dtype_id)
 @pytest.mark.parametrize("dtype", LOW, ids=dtype_id)

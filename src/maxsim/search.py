@@ -197,8 +197,8 @@ def packed_scorer(
     place (the Triton varlen kernel, the CPU kernel).
     ``q_scales``: float32 ``[Nq, Lq]`` with ``queries`` quantized to ``d``'s dtype (only where the backend's
     ``dots_quantized``): packed with the queries and passed on.
-    ``starts``: ``cu_d`` as a host list when the caller keeps one; else only the chunks' boundaries are
-    copied from the device (one small copy, not the whole ``cu_d``).
+    ``starts``: ``cu_d`` as a host list when the caller keeps one; else only the chunks' inner boundaries are
+    copied from the device (one small copy, not the whole ``cu_d``; none for a single chunk).
     """
     nq, lq = queries.shape[0], queries.shape[1]
     device = queries.device
@@ -217,10 +217,14 @@ def packed_scorer(
         cu_q_nonempty = torch.cat([cu_q[:1], cu_q[1:][has_tokens]])
         kept = has_tokens.nonzero()[:, 0]
     offsets = cu_d.to(torch.int64)
-    if starts is None:  # the token offsets of the chunks' boundaries, in one copy to the host
+    if starts is None:  # the token offsets of the chunks' boundaries: the first and the last are known (the
+        # offsets run from 0 to d's token count), those between come in one copy to the host (none when one
+        # chunk holds the corpus: repeated searches then never wait on the device)
         n = offsets.shape[0] - 1
-        marks = [*range(0, n, step), n]
-        starts = dict(zip(marks, offsets[marks].tolist(), strict=True))
+        inner = list(range(step, n, step))
+        starts = {0: 0, n: d.shape[0]}
+        if inner:
+            starts |= dict(zip(inner, offsets[inner].tolist(), strict=True))
     if longest is None:
         longest = int((offsets[1:] - offsets[:-1]).max())
     code_dots = {} if q_scales is None else {"q_scales": qs_packed}  # only backends that dots_quantized
