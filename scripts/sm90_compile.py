@@ -57,11 +57,11 @@ def compile_varlen(args) -> triton.compiler.CompiledKernel:
         fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned},
     )  # fmt: skip
-    return triton.compile(
-        source, target=GPUTarget("cuda", 90, 32), options=launch_options(args))
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch_options(args))
 
 
 def launch_options(args) -> dict:
+    """Triton's compile options of the launch: warps, stages and, for runs of documents, the register cap."""
     maxnreg = varlen.run_max_registers("sm_90", args.warps) if args.maxnreg is None else args.maxnreg or None
     options = {"num_warps": args.warps, "num_stages": args.stages}
     return options if maxnreg is None or args.docs == 1 else options | {"maxnreg": maxnreg}
@@ -101,7 +101,7 @@ def main() -> None:
     registers = next(word for word in usage.stdout.split() if word.startswith("REG:"))
     body = loop_instructions(kernel.asm["sass"])
     print(f"triton {triton.__version__}, sm_90, {args}")
-    spilled = next(word for word in usage.stdout.split() if word.startswith("LOCAL:"))
+    spilled = next(word for word in usage.stdout.split() if word.startswith("LOCAL:")).removeprefix("LOCAL:")
     print(f"{registers.removeprefix('REG:')} registers ({spilled} bytes spilled), {kernel.metadata.shared} bytes of shared memory, "
           f"{ttgir.count('ttg.async_copy_global_to_local')} async tile copies in the TTGIR")  # fmt: skip
     print(f"tile loop: {len(body)} instructions (branches included)")

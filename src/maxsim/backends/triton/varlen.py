@@ -202,7 +202,7 @@ def run_max_registers(arch: str, num_warps: int) -> int | None:
     is needed): ``RUN_PROGRAMS`` programs per multiprocessor, so one's tile loop runs while another waits on
     its tensor cores. Without it the float16 packed kernel of 8 warps took 128 registers with runs of 32 and
     132 with runs of 8: one program per multiprocessor, 14.4 ms against 10.8 (issue 6's 32-query search,
-    kernel only, H100, 2026-12-06); capped at 128 it compiles without spills."""
+    kernel only, H100, 2026-12-06); capped at 128 it compiles without spills, and runs of 8 took 12.1 ms."""
     cap = REGISTER_FILE // (RUN_PROGRAMS * 32 * num_warps)
     return cap if arch.startswith("sm_") and cap < 255 else None
 
