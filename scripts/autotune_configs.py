@@ -111,7 +111,7 @@ def build(kind, sizes, dtype, device):
     q = rnd(nq * s["Lq"], s["D"])
     scales = {}
     if dtype.itemsize == 1:  # codes of both sides, as Index.search on int8 / e4m3 storage
-        d, d_scales = quantize(d, dtype)
+        d, d_scales = quantize(d, dtype, lengths=lengths.tolist())
         q, q_scales = quantize(q, dtype, scale_tries=1)
         scales = dict(d_scales=d_scales, q_scales=q_scales)
     cu_q = torch.arange(0, (nq + 1) * s["Lq"], s["Lq"], dtype=torch.int32, device=device)

@@ -28,8 +28,9 @@ from maxsim.bench.search import DIM, QUERY_TOKENS, clustered_corpus
 FLOAT16_SWEEP = ({"block_l": 32}, {"num_warps": 4}, {"num_stages": 2}, {"num_stages": 4}, {"doc_run": 8},
                  {"doc_run": 64}, {"block_q": 128}, {"block_q": 128, "num_warps": 4},
                  {"block_q": 128, "num_warps": 4, "num_stages": 2})  # fmt: skip
-CODES_SWEEP = ({"block_l": 32}, {"block_l": 64}, {"num_warps": 8}, {"num_warps": 8, "block_l": 64}, {"block_q": 128},
-               {"block_q": 128, "num_stages": 4}, {"num_stages": 4}, {"doc_run": 1})  # fmt: skip
+CODES_SWEEP = ({"block_l": 32}, {"block_l": 64}, {"block_l": 128}, {"block_q": 128, "block_l": 64},
+               {"block_q": 128, "block_l": 128}, {"block_l": 64, "num_stages": 4}, {"block_l": 64, "num_stages": 2},
+               {"num_warps": 8, "block_l": 64}, {"doc_run": 1})  # fmt: skip
 
 
 def median_ms(fn) -> float:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import dtype_id, integer_tokens
 
 import maxsim
 from maxsim.backends import torch_backend
-from maxsim.index import QUANT_MAX, dequantize, int8_scales, quantize
+from maxsim.index import (
+    INT8_DIM_MAX,
+    INT8_LOWEST_EXPONENT,
+    QUANT_MAX,
+    dequantize,
+    int8_scale_bits,
+    int8_scales_on_grid,
+    quantize,
+)
 
 STORAGE = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.int8)
 
@@ -101,7 +111,9 @@ def test_quantized_queries_where_codes_are_not_multiplied(dtype, cpu_kernel, mon
     x = torch.randn(4, 16, generator=torch.Generator().manual_seed(101))
     x[1, 3], x[2, 0], x[3] = float("nan"), float("inf"), 0.0
     codes, scales = quantize(x, dtype, scale_tries=1)
-    assert scales[1].isnan() and scales[2].isnan() and scales[3] == 1 and bool((codes[3].float() == 0).all())
+    zero_scale = 2.0 ** -int8_scale_bits(16) if dtype == torch.int8 else 1.0  # int8: its own grid's unit
+    assert scales[1].isnan() and scales[2].isnan() and scales[3] == zero_scale
+    assert bool((codes[3].float() == 0).all())
 
 
 def test_equal_scores_come_out_by_lower_id_whatever_the_insertion_order():
@@ -172,7 +184,7 @@ def test_many_small_adds_grow_storage_ahead(dtype):
 @pytest.mark.parametrize("source", [torch.float32, torch.float16], ids=dtype_id)
 def test_quantize_into_out(dtype, source, monkeypatch):
     """``quantize(..., out=)`` writes into the given tensors what it returns without them, over several
-    chunks, and leaves ``tokens`` as it was; ``Index.add`` quantizes into its own storage (one add of a
+    chunks (whole documents: one of 33 tokens alone), and leaves ``tokens`` as it was; ``Index.add`` quantizes into its own storage (one add of a
     float16 corpus to a float16 index copies it once, never aliases it)."""
 
     def bits(t: torch.Tensor) -> torch.Tensor:  # float8 compared as bytes
@@ -181,9 +193,9 @@ def test_quantize_into_out(dtype, source, monkeypatch):
     monkeypatch.setattr(maxsim.index, "CHUNK_TOKENS", 16)
     x = torch.randn(53, 12, generator=torch.Generator().manual_seed(3)).to(source)
     kept = x.clone()
-    want_stored, want_scales = quantize(x, dtype)
+    want_stored, want_scales = quantize(x, dtype, lengths=[20, 33])
     out = (torch.empty(53, 12, dtype=dtype), torch.empty(53) if dtype in QUANT_MAX else None)
-    got_stored, got_scales = quantize(x, dtype, out=out)
+    got_stored, got_scales = quantize(x, dtype, out=out, lengths=[20, 33])
     assert got_stored is out[0] and got_scales is out[1] and torch.equal(x, kept)
     assert torch.equal(bits(got_stored), bits(want_stored))
     if dtype in QUANT_MAX:
@@ -283,37 +295,81 @@ def test_quantize_round_trip_error():
     assert QUANT_MAX[torch.int8] == 127.0
 
 
-def test_int8_scales_have_22_significant_bits():
-    """int8 scales are rounded up to 22 significant bits, so that 1.5 * 2**23 * scale is exact (the GPU
-    kernel's fused multiply-add relies on it), down to subnormal scales; codes stay within +-127."""
+def int8_grid_parts(scales: torch.Tensor, dim: int, lengths: list[int]) -> torch.Tensor:
+    """Each scale over its document's grid unit (float64), the unit found here by a float log2."""
+    bits = int8_scale_bits(dim)
+    m = []
+    for doc in scales.split(lengths):
+        e = max(math.ceil(math.log2(float(doc.max()))), INT8_LOWEST_EXPONENT)
+        m.append(doc.double() / 2.0 ** (e - bits))
+    return torch.cat(m)
+
+
+@pytest.mark.parametrize("dim", [1, 16, 128, 300])
+def test_int8_scales_share_a_grid_per_document(dim):
+    """int8 scales: each at most one grid unit above ``max|token| / 127``, and per document integers
+    ``1 <= m <= 2**b`` times the unit of its largest scale (what the GPU kernel's integer maxima need), from
+    subnormal to huge tokens and for documents whose tokens differ by many octaves; codes stay within 127;
+    ``int8_scales_on_grid`` says so, and not of scales moved off it."""
     g = torch.Generator().manual_seed(71)
-    x = torch.randn(300, 16, generator=g) * torch.logspace(-38, 30, 300)[:, None]
-    x[7] = float("nan")
-    stored, scales = quantize(x, torch.int8)
-    finite = scales.isfinite()
-    assert finite.sum() == 299 and scales[7].isnan()
-    assert bool(((scales[finite].view(torch.int32) & 3) == 0).all())
-    absmax = x[finite].abs().amax(1) / 127
-    ulps = 4 * 2.0**-149  # a subnormal scale keeps fewer bits: its rounding is at most 3 of its ulps
-    assert bool((scales[finite] >= absmax).all())
-    assert bool((scales[finite] <= absmax * (1 + 2.0**-20) + ulps).all())
-    assert bool(((scales[finite].double() * 12582912.0) == (scales[finite] * 12582912.0).double()).all())
-    assert int(stored[finite].abs().max()) <= 127
-    assert torch.equal(int8_scales(scales)[finite], scales[finite]) and int8_scales(scales)[7].isnan()
+    lengths = [1, 5, 40, 3, 70, 1, 9]
+    x = torch.randn(sum(lengths), dim, generator=g) * torch.logspace(-40, 30, sum(lengths))[:, None]
+    x[12] = 0.0  # a zero token inside a document
+    x[-9:] = 0.0  # a document of zeros
+    stored, scales = quantize(x, torch.int8, lengths=lengths)
+    assert bool((scales.isfinite() & (scales > 0)).all())
+    m = int8_grid_parts(scales, dim, lengths)
+    assert bool(((m == m.round()) & (m >= 1) & (m <= 2 ** int8_scale_bits(dim))).all())
+    absmax = (x.abs().amax(1) / 127).double()
+    units = scales.double() / m
+    assert bool((scales.double() >= absmax).all())
+    assert bool(((scales.double() <= absmax + units) | (absmax == 0)).all())  # zeros: their grid's unit
+    assert int(stored.abs().max()) <= 127 and bool((stored[12] == 0).all())
+    assert int8_scales_on_grid(scales, dim, lengths)
+    odd = scales.clone()
+    odd[3] = odd[3] * (1 + 2.0**-20)
+    assert not int8_scales_on_grid(odd, dim, lengths)
+    # without lengths each token is a document of its own: rounded up to b significant bits
+    alone, alone_scales = quantize(x, torch.int8)
+    assert int8_scales_on_grid(alone_scales, dim, [1] * x.shape[0])
+    relative = alone_scales.double() <= absmax * (1 + 2.0 ** (1 - int8_scale_bits(dim)))
+    assert bool((relative | (absmax < 2.0**-90)).all())  # below the lowest grids: their unit
 
 
-def test_int8_scales_of_older_files_are_rounded_on_load(tmp_path):
-    """A file whose int8 scales have more than 22 significant bits (written before they were rounded) loads
-    with them rounded up, as ``quantize`` makes them now."""
+def test_int8_scales_in_chunks_are_those_of_whole_documents(monkeypatch):
+    """``quantize`` works a chunk of whole documents at a time: the grids are those of one pass."""
+    lengths = [3, 7, 2, 9, 1, 4]
+    x = torch.randn(sum(lengths), 8, generator=torch.Generator().manual_seed(72)) * 3
+    want = quantize(x, torch.int8, lengths=lengths)
+    monkeypatch.setattr(maxsim.index, "CHUNK_TOKENS", 8)
+    got = quantize(x, torch.int8, lengths=lengths)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_int8_dim_is_bounded_for_int32_sums():
+    with pytest.raises(ValueError, match="dim must be at most"):
+        maxsim.Index(INT8_DIM_MAX + 1, torch.int8)
+    assert int8_scale_bits(128) == 10 and int8_scale_bits(INT8_DIM_MAX) == 0
+
+
+def test_int8_scales_of_older_files_are_requantized_on_load(tmp_path):
+    """A file whose int8 scales are off their documents' grids (written before they shared one) loads with
+    its tokens quantized again onto them: each value within half a code step of what the file held."""
     index = maxsim.Index(8, torch.int8)
-    index.add(documents(5, 8, 6))
-    index.scales.view(torch.int32).bitwise_or_(1)  # in place: the stored scales
-    odd = index.scales.clone()
+    docs = documents(5, 8, 6)
+    index.add(docs)
+    x = torch.cat(docs).float()
+    absmax = x.abs().amax(1) / 127
+    index.tokens.copy_((x / absmax[:, None]).round().to(torch.int8))  # in place: per-token absmax scales
+    index.scales.copy_(absmax)
+    held = dequantize(index.tokens, index.scales, torch.float32)
     path = tmp_path / "older.safetensors"
     index.save(path)
     loaded = maxsim.Index.load(path)
-    assert torch.equal(loaded.scales, int8_scales(odd)) and not torch.equal(loaded.scales, odd)
-    assert torch.equal(loaded.tokens, index.tokens)
+    assert int8_scales_on_grid(loaded.scales, 8, loaded._lengths)
+    assert not torch.equal(loaded.scales, index.scales)
+    err = (dequantize(loaded.tokens, loaded.scales, torch.float32) - held).abs()
+    assert bool((err <= loaded.scales[:, None] / 2 * (1 + 1e-6)).all())
 
 
 @pytest.mark.parametrize("dtype", STORAGE, ids=dtype_id)

@@ -452,7 +452,7 @@ def test_varlen_runs_of_documents(lengths, tokens, block_q, dtype, monkeypatch):
         d_ref = d.double()
     if tokens.endswith("codes"):
         code_dtype = torch.int8 if tokens == "int8-codes" else torch.float8_e4m3fn
-        d, d_scales = quantize(d.float(), code_dtype)
+        d, d_scales = quantize(d.float(), code_dtype, lengths=d_len)
         q, q_scales = quantize(q.float(), code_dtype, scale_tries=1)
         kw = dict(d_scales=d_scales.to(DEVICE), q_scales=q_scales.to(DEVICE))
         q_ref, d_ref = _dequantized(q, q_scales), _dequantized(d, d_scales)
@@ -470,6 +470,41 @@ def test_varlen_runs_of_documents(lengths, tokens, block_q, dtype, monkeypatch):
         assert_scores_close(scores, ref, dtype=dtype, naive=_varlen_naive(q, cu_q, d, cu_d, None, True))
     else:
         assert_scores_close(scores, ref, dtype=code_dtype)
+
+
+@pytest.mark.parametrize("block_d", [16, 64], ids=["d-chunks", "one-d-tile"])
+def test_varlen_runs_int8_maxima_on_integers(block_d, monkeypatch):
+    """int8 codes by codes in runs (each tile's maxima taken on integers: ``index.int8_scales``): documents
+    whose scales span 24 octaves (the tiles of one document on different units), a document whose
+    similarities with a query are all negative (its last tile's masked columns must not win), and the
+    largest products the grid allows (codes -128 by 127 at ``m = 2**b``) match the reference on the
+    dequantized tokens."""
+    from maxsim.backends.triton import varlen
+    from maxsim.index import int8_scales
+
+    monkeypatch.setattr(varlen, "RUN_WAVES", 0)
+    g = torch.Generator().manual_seed(73)
+    dim, q_len, d_len = 40, [13, 1, 7, 20, 5], RUN_LENGTHS["mixed"]
+    cu_q = torch.tensor([0, *torch.tensor(q_len).cumsum(0).tolist()], dtype=torch.int32)
+    cu_d = torch.tensor([0, *torch.tensor(d_len).cumsum(0).tolist()], dtype=torch.int64)
+    q = torch.randint(-127, 128, (sum(q_len), dim), generator=g).to(torch.int8)
+    q[13] = torch.randint(1, 128, (dim,), generator=g).to(torch.int8)  # query 1: positive codes
+    q[0] = 127
+    q_scales = 2.0 ** torch.randint(-3, 4, (sum(q_len),), generator=g).float()
+    d = torch.randint(-128, 128, (sum(d_len), dim), generator=g).to(torch.int8)
+    d[37:39] = -torch.randint(1, 129, (2, dim), generator=g).to(torch.int8)  # document 1: negative codes
+    d[0] = -128
+    absmax = 2.0 ** (torch.rand(sum(d_len), generator=g) * 24 - 12)
+    absmax[0] = 2.0**13  # document 0's largest: m = 2**b exactly
+    d_scales = int8_scales(absmax, dim, d_len)
+    cfg = dataclasses.replace(RUN, block_d=block_d)
+    scores, _ = maxsim_varlen_fwd(
+        *to_dev(q, cu_q, d, cu_d), None, None, max_lq=20, max_ld=50, normalize=False, return_argmax=False,
+        config=cfg, d_scales=d_scales.to(DEVICE), q_scales=q_scales.to(DEVICE),
+    )  # fmt: skip
+    ref, _ = maxsim_varlen_reference(_dequantized(q, q_scales), cu_q, _dequantized(d, d_scales), cu_d)
+    assert float(ref[1, 1]) < 0
+    assert_scores_close(scores, ref, dtype=torch.int8)
 
 
 @pytest.mark.parametrize("n_split", [2, 4])
@@ -770,7 +805,7 @@ def test_varlen_quantized_documents(dim, normalize, cfg, n_split, qdtype, querie
     q, cu_q = ragged(g, [3, 33, 1], dim, torch.float16)
     q[5] = 0  # a zero query token (scale 1, codes 0)
     d, cu_d = ragged(g, [1, 97, 40, 5, 18], dim, torch.float32, cu_dtype=torch.int64)
-    codes, scales = quantize(d, qdtype)
+    codes, scales = quantize(d, qdtype, lengths=(cu_d[1:] - cu_d[:-1]).tolist())
     wide = _dequantized(codes, scales)
     q_kw, q_wide = {}, q.double()
     if queries == "quantized":
@@ -929,8 +964,9 @@ def test_quantized_bad_input():
 def test_quantize_queries_matches_index_quantize(dim, wide, qdtype):
     """The backend's one-launch query quantization gives ``index.quantize(..., scale_tries=1)``'s codes
     exactly and its scales (int8 exactly; e4m3 to float32 rounding: the refit's dot is summed in another
-    order), on strided rows, with zero tokens (scale 1) and tokens with NaN / inf (scale NaN)."""
-    from maxsim.index import quantize
+    order), on strided rows, with zero tokens (scale 1; int8: the unit of its grid) and tokens with NaN / inf
+    (scale NaN)."""
+    from maxsim.index import int8_scale_bits, quantize
 
     g = torch.Generator().manual_seed(61 + dim)
     x = (torch.randn(33, dim + 3, generator=g) * torch.logspace(-3, 3, 33)[:, None]).to(wide)[:, 1 : dim + 1]
@@ -940,7 +976,8 @@ def test_quantize_queries_matches_index_quantize(dim, wide, qdtype):
     finite = want_scales.isfinite()
     assert codes.dtype == qdtype and codes.shape == x.shape and scales.dtype == torch.float32
     assert torch.equal(codes.cpu()[finite].float(), want_codes[finite].float())  # -0 and 0 alike
-    assert torch.equal(scales.cpu().isnan(), ~finite) and finite.sum() == 31 and scales[4] == 1
+    zero_scale = 2.0 ** -int8_scale_bits(dim) if qdtype == torch.int8 else 1.0  # int8: its own grid's unit
+    assert torch.equal(scales.cpu().isnan(), ~finite) and finite.sum() == 31 and scales[4] == zero_scale
     rtol = 0 if qdtype == torch.int8 else 2 * dim * torch.finfo(torch.float32).eps  # two orders of a sum
     torch.testing.assert_close(scales.cpu()[finite], want_scales[finite], rtol=rtol, atol=0)
     empty_codes, empty_scales = triton_backend.quantize_queries(x[:0].to(DEVICE), qdtype)

@@ -64,6 +64,7 @@ def quantize(
     *,
     scale_tries: int = E4M3_SCALE_TRIES,
     out: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    lengths: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``tokens [T, D]`` float as ``(stored [T, D] dtype, scales [T] float32 or None)``.
 
@@ -71,8 +72,9 @@ def quantize(
     a corpus on the CPU is never copied whole to the GPU); without it they are new tensors on ``tokens``'
     device (for float16 / bfloat16, ``tokens.to(dtype)``: ``tokens`` itself when already of that dtype).
 
-    int8: codes ``round(token / scale)``, the scale ``max|token| / 127`` rounded up to 22 significant bits
-    (``int8_scales``: what the GPU kernel needs to scale its int32 sums with one exact fused multiply-add).
+    int8: codes ``round(token / scale)``, the scale ``max|token| / 127`` rounded up to a grid shared by the
+    token's document (``int8_scales``; ``lengths``: the documents' token counts, a Python list summing to
+    ``T``; without it every token is a document of its own, as for queries).
 
     float8 e4m3: a float format's grid is the same in every octave, so where a token's values fall between
     grid points depends on its scale. Each token tries ``E4M3_SCALE_TRIES`` scales spread over one octave
@@ -82,9 +84,10 @@ def quantize(
     (``scale_tries``: 1 tries the absmax scale alone, as ``Index.search`` does for queries). On
     issue 6's clustered corpus (20,000 documents, 512 queries, built on the CPU) recall@10 against the exact
     float16 answer went 0.978 (absmax) -> 0.981 (refit) -> 0.985 (best of 8, 9% less error), int8 0.994.
-    A zero token gets scale 1 and zero codes; a token with a NaN or infinite value scale NaN, so that what
-    is scored with it is NaN (``Index.add`` refuses such documents; quantized queries propagate it).
-    Works ``CHUNK_TOKENS`` tokens at a time (bounded float32 temporaries).
+    A zero token gets zero codes and scale 1 (int8: its grid's unit); a token with a NaN or infinite value
+    scale NaN, so that what is scored with it is NaN (``Index.add`` refuses such documents; quantized
+    queries propagate it). Works about ``CHUNK_TOKENS`` tokens (whole documents) at a time (bounded float32
+    temporaries).
     """
     if dtype not in QUANT_MAX:
         if out is None:
@@ -98,15 +101,15 @@ def quantize(
             torch.empty(tokens.shape[0], dtype=torch.float32, device=tokens.device),
         )
     stored, scales = out
-    for t0 in range(0, tokens.shape[0], CHUNK_TOKENS):
-        wide = tokens[t0 : t0 + CHUNK_TOKENS].to(stored.device).float()  # moved in its own dtype, then widened
+    for t0, t1, chunk_lengths in _chunks(tokens.shape[0], lengths):
+        wide = tokens[t0:t1].to(stored.device).float()  # moved in its own dtype, then widened
         absmax = wide.abs().amax(dim=1) / QUANT_MAX[dtype]
-        absmax = torch.where(absmax != 0, absmax, torch.ones_like(absmax))
         absmax = torch.where(absmax.isfinite(), absmax, torch.full_like(absmax, float("nan")))  # see above
         if dtype == torch.int8:
-            scale = int8_scales(absmax)
+            scale = int8_scales(absmax, tokens.shape[1], chunk_lengths)
             codes = (wide / scale[:, None]).round().clamp_(-127, 127).to(torch.int8)
         else:
+            absmax = torch.where(absmax != 0, absmax, torch.ones_like(absmax))
             norm2 = wide.square().sum(1)
             codes, scale, fit = _e4m3_codes(wide, norm2, absmax)
             for k in range(1, scale_tries):
@@ -115,23 +118,93 @@ def quantize(
                 codes = torch.where(better[:, None], codes_k.view(torch.uint8), codes.view(torch.uint8))
                 codes = codes.view(torch.float8_e4m3fn)
                 scale, fit = torch.where(better, scale_k, scale), torch.where(better, fit_k, fit)
-        stored[t0 : t0 + CHUNK_TOKENS], scales[t0 : t0 + CHUNK_TOKENS] = codes, scale
+        stored[t0:t1], scales[t0:t1] = codes, scale
     return stored, scales
 
 
-INT8_VALUE_MAX = 127 * 2.0**100  # int8 tokens' largest |value|: the kernel's scale * 1.5 * 2**23 stays finite
+INT8_VALUE_MAX = 127 * 2.0**100  # int8 tokens' largest |value|: their scales stay far from float32's limits
+INT8_DIM_MAX = (2**31 - 1) // (127 * 128)  # int8 storage's largest dim: int32 sums of its codes' products fit
+INT8_LOWEST_EXPONENT = -100  # int8 grids' units are at least 2**(this - bits): normal float32 numbers
 
 
-def int8_scales(scales: torch.Tensor) -> torch.Tensor:
-    """float32 int8 scales rounded up (away from zero) to 22 significant bits; NaN stays NaN.
+def int8_scale_bits(dim: int) -> int:
+    """``b``: an int8 document's scales are ``m * unit`` with integers ``1 <= m <= 2**b`` (``int8_scales``),
+    the most for which ``m`` times a sum of ``dim`` products of codes (queries in ``[-127, 127]``, documents in
+    ``[-128, 127]``) fits an int32: 10 for D = 128."""
+    return ((2**31 - 1) // (dim * 127 * 128)).bit_length() - 1
 
-    The Triton kernel turns an int32 sum ``x`` of int8 products into ``x * scale`` with one fused
-    multiply-add, ``(1.5 * 2**23 + x) * scale - 1.5 * 2**23 * scale``, whose second term is exact only for
-    such scales (and finite: ``Index.add`` takes int8 tokens up to ``INT8_VALUE_MAX``); the result is then
-    ``x * scale`` rounded once, as a conversion and a multiply give it.
+
+def int8_grid_exponent(largest: torch.Tensor) -> torch.Tensor:
+    """int32 ``e = max(ceil(log2(largest)), INT8_LOWEST_EXPONENT)`` of positive float32 ``largest``, from its
+    bits (exact; a subnormal gives the lowest). A grid of largest scale ``largest`` has unit ``2**(e - b)``."""
+    bits = largest.view(torch.int32)
+    e = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+    return e.clamp(min=INT8_LOWEST_EXPONENT)
+
+
+def _power_of_two(e: torch.Tensor) -> torch.Tensor:
+    """float32 ``2**e`` of int32 ``e`` in the normal range, from its bits."""
+    return ((e + 127) << 23).view(torch.float32)
+
+
+def _document_max(x: torch.Tensor, lengths: list[int] | None) -> torch.Tensor:
+    """Each token's document's maximum of ``x [T]`` (``x`` itself without ``lengths``)."""
+    if lengths is None:
+        return x
+    doc = torch.repeat_interleave(
+        torch.arange(len(lengths), device=x.device), torch.tensor(lengths, device=x.device), output_size=x.shape[0]
+    )
+    return x.new_zeros(len(lengths)).scatter_reduce(0, doc, x, "amax")[doc]
+
+
+def int8_scales(absmax: torch.Tensor, dim: int, lengths: list[int] | None = None) -> torch.Tensor:
+    """float32 int8 scales ``[T]`` for tokens of ``max|token| / 127`` ``absmax [T]`` (>= 0, or NaN: stays NaN),
+    each rounded up to its document's grid: the multiples ``m * unit``, ``1 <= m <= 2**b``, of
+    ``unit = 2**(e - b)``, with ``e`` from the document's largest ``absmax`` (``int8_grid_exponent``; 1 for
+    a document of zeros) and ``b = int8_scale_bits(dim)``.
+
+    So each scale is at most ``unit`` above its token's ``absmax`` (the codes' step grows by at most a
+    ``2**-(b-1)`` part of the document's largest), and the GPU kernel takes a tile's maximum with integers:
+    any tile's scales are integers ``m <= 2**b`` times the unit of the tile's largest scale, so ``m`` times a
+    tile's int32 dot stays an int32, and the float conversion waits for each row's maximum of the tile.
+    ``lengths``: the documents' token counts (a list summing to ``T``), or None: each token alone.
     """
-    rounded = ((scales.view(torch.int32) + 3) & ~3).view(torch.float32)
-    return torch.where(scales.isfinite(), rounded, scales)
+    largest = _document_max(absmax.nan_to_num(0.0), lengths)
+    largest = torch.where(largest > 0, largest, torch.ones_like(largest))
+    unit = _power_of_two(int8_grid_exponent(largest) - int8_scale_bits(dim))
+    return (absmax / unit).ceil().clamp(min=1) * unit  # NaN stays NaN
+
+
+def int8_scales_on_grid(scales: torch.Tensor, dim: int, lengths: list[int]) -> bool:
+    """Whether float32 ``scales [T]`` are on their documents' grids (``int8_scales``), as the GPU kernel
+    needs: each document's scales ``m * unit`` with integers ``1 <= m <= 2**b`` and ``unit`` that of its
+    largest scale."""
+    for t0, t1, chunk_lengths in _chunks(scales.shape[0], lengths):
+        s = scales[t0:t1]
+        if not bool((s.isfinite() & (s > 0)).all()):
+            return False
+        m = s / _power_of_two(int8_grid_exponent(_document_max(s, chunk_lengths)) - int8_scale_bits(dim))
+        if not bool(((m == m.round()) & (m >= 1) & (m <= 2 ** int8_scale_bits(dim))).all()):
+            return False
+    return True
+
+
+def _chunks(total: int, lengths: list[int] | None):
+    """``(t0, t1, lengths)``: tokens ``[t0, t1)`` of about ``CHUNK_TOKENS`` in all, whole documents and their
+    lengths (a longer document alone), or without ``lengths`` ``CHUNK_TOKENS`` tokens and None."""
+    if lengths is None:
+        for t0 in range(0, total, CHUNK_TOKENS):
+            yield t0, min(total, t0 + CHUNK_TOKENS), None
+        return
+    t0, t1, group = 0, 0, []
+    for n in lengths:
+        if group and t1 + n - t0 > CHUNK_TOKENS:
+            yield t0, t1, group
+            t0, group = t1, []
+        group.append(n)
+        t1 += n
+    if group:
+        yield t0, t1, group
 
 
 def dequantize(stored: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -166,6 +239,8 @@ class Index:
         if dtype not in STORAGE_DTYPES:
             names = ", ".join(_dtype_name(t) for t in STORAGE_DTYPES)
             raise TypeError(f"dtype must be one of {names}; got {dtype}")
+        if dtype == torch.int8 and dim > INT8_DIM_MAX:
+            raise ValueError(f"dim must be at most {INT8_DIM_MAX} for int8 storage (int32 sums), got {dim}")
         self.dim = dim
         self.dtype = dtype
         device = torch.device(device)
@@ -224,7 +299,7 @@ class Index:
         if self._token_buf.shape[0] < need:  # grown by at least a quarter: many small adds copy a few times
             self._resize_storage(max(need, used + used // 4))
         new_scales = None if self._scale_buf is None else self._scale_buf[used:need]
-        quantize(tokens, self.dtype, out=(self._token_buf[used:need], new_scales))  # in place: no second copy
+        quantize(tokens, self.dtype, out=(self._token_buf[used:need], new_scales), lengths=lengths)  # in place
         self._n_tokens = need
         ends = self.offsets[-1] + torch.tensor(lengths, dtype=torch.int64, device=self.device).cumsum(0)
         self.offsets = torch.cat([self.offsets, ends])
@@ -504,12 +579,17 @@ class Index:
         dtype = getattr(torch, meta["dtype"], None)
         index = cls(int(meta["dim"]), dtype)
         _check_loaded(tensors, index, path)
-        scales = tensors.get("scales")
-        if index.dtype == torch.int8:  # files written before int8 scales had 22 bits: at most 2^-22 relative
-            scales = int8_scales(scales)
-        index._set_storage(tensors["tokens"], scales)
+        tokens, scales = tensors["tokens"], tensors.get("scales")
+        lengths = (tensors["offsets"][1:] - tensors["offsets"][:-1]).tolist()
+        if index.dtype == torch.int8 and not int8_scales_on_grid(scales, index.dim, lengths):
+            # written before int8 scales shared a grid per document: the tokens quantized again onto theirs
+            # (each value moves by at most half a code step)
+            for t0, t1, chunk_lengths in _chunks(tokens.shape[0], lengths):
+                wide = dequantize(tokens[t0:t1], scales[t0:t1], torch.float32)
+                quantize(wide, torch.int8, out=(tokens[t0:t1], scales[t0:t1]), lengths=chunk_lengths)
+        index._set_storage(tokens, scales)
         index.offsets, index.ids = tensors["offsets"], tensors["ids"]
-        index._lengths = (index.offsets[1:] - index.offsets[:-1]).tolist()
+        index._lengths = lengths
         index._host_starts = None
         return index.to(device)
 
@@ -537,9 +617,12 @@ def _check_loaded(tensors: dict, index: Index, path) -> None:
         if bool((ids[1:] <= ids[:-1]).any()):
             problems.append("ids not strictly increasing")
         if (index.dtype in QUANT_MAX) != ("scales" in tensors) or (
-            "scales" in tensors and tensors["scales"].shape != (tokens.shape[0],)
+            "scales" in tensors
+            and (tensors["scales"].shape != (tokens.shape[0],) or tensors["scales"].dtype != torch.float32)
         ):
-            problems.append("scales missing or of the wrong shape")
+            problems.append("scales missing or of the wrong dtype or shape")
+        elif "scales" in tensors and not bool(((tensors["scales"] > 0) & tensors["scales"].isfinite()).all()):
+            problems.append("scales not all positive and finite")
     if problems:
         raise ValueError(f"{path} holds an inconsistent index: {', '.join(problems)}")
 

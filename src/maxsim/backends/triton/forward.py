@@ -24,12 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import index as index_module
 from .configs import FwdConfig, device_info, forward_config
 from .launch import Launcher, launch_hooks_set
 
 EPS = 1e-12
 INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 BIG: tl.constexpr = tl.constexpr(2**30)  # "no index" inside a tile reduction
+INT8_LOWEST_EXPONENT: tl.constexpr = tl.constexpr(index_module.INT8_LOWEST_EXPONENT)
 POISON = False  # tests: fill every output and buffer with NaN / -7 before a launch, so a missed tile fails
 MASKED_QUERY = -2  # partial argmax of a query token that takes no part (combined to -1, score 0)
 
@@ -87,7 +89,8 @@ def _mask_end(dm_base, sdm_l, l_lo, l_hi, MASK_BLOCK: tl.constexpr):
 @triton.jit
 def _scaled_small_ints(x, scale):
     """``x * scale[None, :]`` in float32 for int32 ``x`` with ``-2**22 <= x <= 2**22`` (sums of at most 256
-    int8 products) and scales of at most 22 significant bits (``index.int8_scales``), rounded once.
+    int8 products) and scales of at most 22 significant bits (``index.int8_scales`` gives at most 18),
+    rounded once.
 
     ``x + 0x4B400000`` holds the bits of the float ``v = 1.5 * 2**23 + x`` (in ``[2**23, 2**24]``, where floats
     are the integers); ``1.5 * 2**23 * scale`` is exact for such scales, so ``fma(v, scale, -that)`` is
@@ -95,6 +98,16 @@ def _scaled_small_ints(x, scale):
     instead of a conversion (issued at an eighth of the float rate on sm_80 / sm_90) and a multiply.
     """
     return tl.fma((x + 0x4B400000).to(tl.float32, bitcast=True), scale[None, :], (scale * -12582912.0)[None, :])
+
+
+@triton.jit
+def _int8_grid_unit(largest, scale_bits):
+    """float32 ``(unit, 1 / unit)`` of the int8 scale grid whose largest scale is ``largest`` (positive):
+    ``unit = 2**(e - scale_bits)``, ``e`` as ``index.int8_grid_exponent`` gives it (from the bits)."""
+    bits = largest.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    e = tl.maximum(e, INT8_LOWEST_EXPONENT) - scale_bits
+    return ((e + 127) << 23).to(tl.float32, bitcast=True), ((127 - e) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -117,13 +130,13 @@ def _fp8_dot(a, b, acc, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _tile_scales(ds_ptrs, real, BLOCK_L: tl.constexpr, D_SCALED: tl.constexpr):
-    """float32 ``[BLOCK_L]``: the scales of a tile's tokens (D_SCALED; 1 where not ``real``), else ones.
+    """float32 ``[BLOCK_L]``: the scales of a tile's tokens (D_SCALED; 0 where not ``real``), else ones.
 
     Callers load them a tile ahead: this small load is not software-pipelined like the tiles, and waited
     for in the loop it was a tenth of the 32-query quantized search (issue 6's, kernel only, H100: int8
     13.35 -> 11.74 ms, e4m3 15.29 -> 14.49 ms loaded a tile ahead)."""
     if D_SCALED:
-        return tl.load(ds_ptrs, mask=real, other=1.0)
+        return tl.load(ds_ptrs, mask=real, other=0.0)
     else:
         return tl.full([BLOCK_L], 1.0, tl.float32)
 

@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ...index import QUANT_MAX
-from .forward import INTERPRETED, _pow2_at_least
+from ...index import QUANT_MAX, int8_scale_bits
+from .forward import INTERPRETED, _int8_grid_unit, _pow2_at_least
 from .launch import Launcher
 
 
@@ -31,7 +31,7 @@ def _e4m3_grid(v):
 
 @triton.jit
 def _quantize_rows_kernel(
-    x_ptr, codes_ptr, scales_ptr, D, sx_t, sx_k,
+    x_ptr, codes_ptr, scales_ptr, D, sx_t, sx_k, SCALE_BITS,
     QMAX: tl.constexpr, INT8: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """One token per program: codes ``[D]`` and its float32 scale (NaN for a token with NaN / inf)."""
@@ -42,13 +42,14 @@ def _quantize_rows_kernel(
     ax = tl.abs(x)
     finite = tl.min(tl.where(ax < float("inf"), 1, 0), 0) > 0  # NaN and inf both fail the comparison
     absmax = tl.div_rn(tl.max(ax, 0), QMAX)
-    absmax = tl.where(absmax != 0, absmax, 1.0)
-    if INT8:  # index.int8_scales: rounded up to 22 significant bits
-        scale = ((absmax.to(tl.int32, bitcast=True) + 3) & -4).to(tl.float32, bitcast=True)
+    if INT8:  # index.int8_scales, the token a document of its own
+        unit, inv_unit = _int8_grid_unit(tl.where(absmax > 0, absmax, 1.0), SCALE_BITS)
+        scale = tl.maximum(tl.math.ceil(absmax * inv_unit), 1.0) * unit
         # |x / scale| <= 127: adding and taking away 1.5 * 2**23 rounds it half to even, as torch.round
         codes = (tl.div_rn(x, scale) + 12582912.0) - 12582912.0
         codes = tl.minimum(tl.maximum(codes, -127.0), 127.0).to(tl.int8)
     else:  # the absmax scale refit to |x|^2 / <x, codes> where that dot is positive (index._e4m3_codes)
+        absmax = tl.where(absmax != 0, absmax, 1.0)
         codes = _e4m3_grid(tl.div_rn(x, absmax)).to(tl.float8e4nv)
         dot = tl.sum(x * codes.to(tl.float32), 0)
         scale = tl.where(dot > 0, tl.div_rn(tl.sum(x * x, 0), dot), absmax)
@@ -68,7 +69,7 @@ def quantize_rows(tokens: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
     scales = torch.empty(T, dtype=torch.float32, device=tokens.device)
     if T:
         _QUANTIZE_ROWS(
-            T, (tokens, codes, scales), (D, *tokens.stride()),
+            T, (tokens, codes, scales), (D, *tokens.stride(), int8_scale_bits(D)),
             dict(QMAX=QUANT_MAX[dtype], INT8=dtype == torch.int8, BLOCK_D=_pow2_at_least(D)), 4, 1,
         )  # fmt: skip
     return codes, scales

@@ -18,10 +18,12 @@ import triton
 import triton.language as tl
 
 from ... import validate as check
+from ...index import int8_scale_bits
 from .configs import FwdConfig, device_info, forward_config
 from .forward import (
     INTERPRETED,
     _doc_best,
+    _int8_grid_unit,
     _load_query,
     _nanmax,
     _row_nanmax,
@@ -45,7 +47,7 @@ ROW_GROUP = tl.constexpr(16)  # rows of one warp in a block of sm_80 / sm_90 ten
 @triton.jit
 def _score_run_of_docs(
     q_tile, q_rows, q_in, q_inv, first_query, first_doc, d_ptr, ds_ptr, cu_d_ptr, score_ptr, Nd, R, D, qb,
-    sq_k, sd_l, sd_k,
+    sq_k, sd_l, sd_k, scale_bits,
     BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr,
     SINGLE_D: tl.constexpr, PREC: tl.constexpr, D_SCALED: tl.constexpr, Q_SCALED: tl.constexpr,
     QPACK: tl.constexpr, DOCS: tl.constexpr,
@@ -61,6 +63,11 @@ def _score_run_of_docs(
     (float16, 32 queries of issue 6: 12.73 ms against 13.11), with one on every tile (issue 6's e4m3 search of
     one query: 1.05 ms against 1.13, H100, 2026-12-06). Every document has a token
     (``cu_seqlens`` are validated so): one without would not be written. No argmax, no split.
+
+    int8 codes by int8 codes (Q_SCALED, not NORMALIZE): a tile's maxima are taken on integers. Its scales are
+    ``m * unit`` (``index.int8_scales``: ``unit`` that of the tile's largest scale, ``scale_bits`` its ``b``),
+    so each int32 dot times its ``m`` stays an int32 and orders as the scaled similarity; each row's maximum
+    is then converted and times ``unit``: a multiply and a maximum per similarity.
     """
     SLOTS: tl.constexpr = BLOCK_Q // QPACK
     GROUP: tl.constexpr = min(SLOTS, ROW_GROUP)
@@ -77,13 +84,14 @@ def _score_run_of_docs(
     no_sums = tl.zeros([QPACK], tl.float32)
 
     offs_l = tl.arange(0, BLOCK_L)
-    col_offs = offs_l.to(tl.int64) * sd_l  # a tile's token rows from its first (the same for every tile)
+    every = offs_l >= 0
+    col_offs = offs_l * sd_l  # a tile's token rows from its first (int32: the launcher sees them fit)
     best = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     # a tile: its first token, the tokens left in its document from there, its document's lane
     next_tok0 = tl.load(cu_d_ptr + first_doc).to(tl.int64)
     next_left = tl.sum(tl.where(lane == 0, lens, 0), 0)
     next_j = 0
-    next_scale = _tile_scales(ds_ptr + next_tok0 + offs_l, offs_l < next_left, BLOCK_L, D_SCALED)
+    next_scale = _tile_scales(ds_ptr + next_tok0 + tl.minimum(offs_l, next_left - 1), every, BLOCK_L, D_SCALED)
     for _ in range(0, tl.sum(tiles, 0)):
         tok0, left, j, d_scale = next_tok0, next_left, next_j, next_scale  # scales loaded a tile ahead
         # the next tile: the document's next BLOCK_L tokens, or the next document's first (none past the run)
@@ -92,15 +100,27 @@ def _score_run_of_docs(
         next_tok0 = tl.where(goes_on, tok0 + BLOCK_L, tok0 + left)
         next_left = tl.where(goes_on, left - BLOCK_L, following)
         next_j = tl.where(goes_on, j, j + 1)
-        next_scale = _tile_scales(ds_ptr + next_tok0 + offs_l, offs_l < next_left, BLOCK_L, D_SCALED)
-        real = offs_l < left
-        sim = _tile_similarities(
-            q_tile, q_rows, q_in, q_inv, d_ptr + tok0 * sd_l + col_offs[None, :], d_scale, real, D, sq_k, sd_k,
-            BLOCK_Q, BLOCK_L, BLOCK_D, NORMALIZE, SINGLE_D, PREC, D_SCALED,
-        )  # fmt: skip
-        if left < BLOCK_L:  # a document's last tile, part real: the rest cannot win
-            sim = tl.where(real[None, :], sim, float("-inf"))
-        best = _nanmax(best, _row_nanmax(sim))
+        next_cols = tl.minimum(offs_l, next_left - 1)  # (past the run's last tile nothing is read)
+        next_any = offs_l < tl.where(next_left > 0, BLOCK_L, 0)
+        next_scale = _tile_scales(ds_ptr + next_tok0 + next_cols, next_any, BLOCK_L, D_SCALED)
+        # a document's last tile reads its last token again past its end: no mask on any similarity
+        d_cols = d_ptr + tok0 * sd_l + tl.minimum(col_offs, (tl.minimum(left, BLOCK_L) - 1) * sd_l)[None, :]
+        if Q_SCALED and not NORMALIZE and d_ptr.dtype.element_ty == tl.int8:  # int32 dots of the codes
+            dots = _tile_similarities(
+                q_tile, q_rows, q_in, q_inv, d_cols, d_scale, every, D, sq_k, sd_k,
+                BLOCK_Q, BLOCK_L, BLOCK_D, NORMALIZE, SINGLE_D, PREC, False,
+            )  # fmt: skip
+            unit, inv_unit = _int8_grid_unit(tl.max(d_scale, 0), scale_bits)
+            # m = scale / unit (an integer in [1, 2**scale_bits]) from the bits of m + 2**23
+            m = (d_scale * inv_unit + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
+            tile_best = tl.max(dots * m[None, :], 1).to(tl.float32) * unit
+        else:
+            sim = _tile_similarities(
+                q_tile, q_rows, q_in, q_inv, d_cols, d_scale, every, D, sq_k, sd_k,
+                BLOCK_Q, BLOCK_L, BLOCK_D, NORMALIZE, SINGLE_D, PREC, D_SCALED,
+            )  # fmt: skip
+            tile_best = _row_nanmax(sim)
+        best = _nanmax(best, tile_best)
         last = left <= BLOCK_L
         if QPACK == 1 or last:  # (a dot result first read inside a branch broke Triton 3.6's sm_90 pipeliner)
             row_best = best
@@ -118,7 +138,7 @@ def _score_run_of_docs(
 @triton.jit
 def _maxsim_varlen_kernel(
     q_ptr, qs_ptr, d_ptr, ds_ptr, cu_q_ptr, cu_d_ptr, qid_ptr, did_ptr, score_ptr, argmax_ptr, pmax_ptr, pidx_ptr,
-    Nd, D, R, MAX_LQ, sq_l, sq_k, sd_l, sd_k, n_qb, n_split, split_len,
+    Nd, D, R, MAX_LQ, sq_l, sq_k, sd_l, sd_k, n_qb, n_split, split_len, scale_bits,
     BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, LISTED: tl.constexpr,
     NORMALIZE: tl.constexpr, ARGMAX: tl.constexpr, PARTIAL: tl.constexpr, SINGLE_D: tl.constexpr,
     PREC: tl.constexpr, LANE_MAX: tl.constexpr, D_SCALED: tl.constexpr, Q_SCALED: tl.constexpr,
@@ -165,7 +185,7 @@ def _maxsim_varlen_kernel(
     if DOCS > 1:  # all pairs, one launch, no argmax
         _score_run_of_docs(
             q_tile, q_rows, q_in, q_inv, first_query, di, d_ptr, ds_ptr, cu_d_ptr, score_ptr, Nd, R, D, qb,
-            sq_k, sd_l, sd_k, BLOCK_Q, BLOCK_L, BLOCK_D, NORMALIZE, SINGLE_D, PREC, D_SCALED, Q_SCALED,
+            sq_k, sd_l, sd_k, scale_bits, BLOCK_Q, BLOCK_L, BLOCK_D, NORMALIZE, SINGLE_D, PREC, D_SCALED, Q_SCALED,
             QPACK, DOCS,
         )  # fmt: skip
     else:
@@ -247,7 +267,7 @@ def maxsim_varlen_fwd(
         d_scales: float32 ``[Td]``, token ``t`` being ``d[t] * d_scales[t]``; only with quantized ``d``.
         q_scales: float32 ``[Tq]`` with ``q`` codes of ``d``'s dtype (query token ``t`` is
             ``q[t] * q_scales[t]``): the dots run on the int8 / float8 tensor cores. With int8 codes,
-            ``d_scales`` must have at most 22 significant bits (``index.int8_scales``, as ``Index`` keeps them).
+            ``d_scales`` must be on their documents' grids (``index.int8_scales``, as ``Index`` keeps them).
 
     Returns:
         scores float32 ``[Nq, Nd]`` or ``[P]``; int32 argmax ``[..., max_lq]`` (-1 past a query) or None.
@@ -273,7 +293,8 @@ def maxsim_varlen_fwd(
     n_qb = cdiv(max_lq, block_q // qpack)
     arch, sms = device_info(q.device)
     docs = 1
-    if not (listed or return_argmax or n_split is not None or (d_scales is not None and q_scales is None)):
+    runs_fit = d.stride(0) * block_l < 2**31  # (a run's tile offsets are int32)
+    if runs_fit and not (listed or return_argmax or n_split is not None or (d_scales is not None and q_scales is None)):
         # (codes widened to 16 bits measured 2-3x slower in a run: 42 against 15-20 ms, H100)
         docs = run_length(cfg.doc_run, cdiv(nq, qpack) * n_qb, nd, sms)
     programs = R * n_qb if listed else cdiv(nq, qpack) * cdiv(nd, docs) * n_qb
@@ -290,7 +311,7 @@ def maxsim_varlen_fwd(
                 scores if argmax is None else argmax, scores if pmax is None else pmax,
                 scores if pidx is None else pidx,
             ),
-            (nd, D, R, max_lq, *q.stride(), *d.stride(), n_qb, n_split, split_len),
+            (nd, D, R, max_lq, *q.stride(), *d.stride(), n_qb, n_split, split_len, int8_scale_bits(D)),
             dict(
                 BLOCK_Q=block_q, BLOCK_L=block_l, BLOCK_D=block_d, LISTED=listed, NORMALIZE=normalize,
                 ARGMAX=return_argmax, PARTIAL=partial, SINGLE_D=D <= block_d, PREC=dot_precision(q.dtype),
