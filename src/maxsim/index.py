@@ -3,8 +3,9 @@
 Storage: document tokens packed ``[T, D]`` with int64 offsets ``[N+1]`` and int64 ids ``[N]``, in one of
 float16, bfloat16 (stored as given) or float8 e4m3 and int8 (each token scaled by its own float32 scale,
 ``token ≈ stored * scale``; e4m3 codes at the best of 8 scales within an octave of ``max|token| / 448``,
-each refit so that the error is orthogonal to the token; ``round(token / (max|token| / 127))`` for int8:
-see ``quantize``).
+each refit so that the error is orthogonal to the token; ``round(token / scale)`` for int8, the scale
+``max|token| / 127`` rounded up to a grid shared by the token's document: see ``quantize`` and
+``int8_scales``).
 
 Documents are kept in ascending id order, so search results with equal scores come out by lower id, as
 ``maxsim.topk``'s do. Search is ``maxsim.topk`` over the stored corpus in chunks of documents. Quantized
