@@ -346,6 +346,13 @@ def test_int8_scales_in_chunks_are_those_of_whole_documents(monkeypatch):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def test_quantize_checks_lengths():
+    with pytest.raises(ValueError, match="lengths must be >= 0 and sum to the 5 tokens"):
+        quantize(torch.ones(5, 4), torch.int8, lengths=[2, 2])
+    with pytest.raises(ValueError, match="lengths must be"):
+        quantize(torch.ones(5, 4), torch.int8, lengths=[6, -1])
+
+
 def test_int8_dim_is_bounded_for_int32_sums():
     with pytest.raises(ValueError, match="dim must be at most"):
         maxsim.Index(INT8_DIM_MAX + 1, torch.int8)

@@ -90,6 +90,8 @@ def quantize(
     queries propagate it). Works about ``CHUNK_TOKENS`` tokens (whole documents) at a time (bounded float32
     temporaries).
     """
+    if lengths is not None and (sum(lengths) != tokens.shape[0] or min(lengths, default=0) < 0):
+        raise ValueError(f"lengths must be >= 0 and sum to the {tokens.shape[0]} tokens, got {sum(lengths)}")
     if dtype not in QUANT_MAX:
         if out is None:
             return tokens.to(dtype), None
