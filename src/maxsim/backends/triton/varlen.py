@@ -110,10 +110,12 @@ def _score_run_of_docs(
                 q_tile, q_rows, q_in, q_inv, d_cols, d_scale, every, D, sq_k, sd_k,
                 BLOCK_Q, BLOCK_L, BLOCK_D, NORMALIZE, SINGLE_D, PREC, False,
             )  # fmt: skip
-            unit, inv_unit = _int8_grid_unit(tl.max(d_scale, 0), scale_bits)
+            # the largest scale of a [1, BLOCK_L] row: taken inside each warp, in the dots' layout (as a vector,
+            # a reduction across the warps: two barriers on every tile)
+            unit, inv_unit = _int8_grid_unit(tl.max(d_scale[None, :], 1, keep_dims=True), scale_bits)
             # m = scale / unit (an integer in [1, 2**scale_bits]) from the bits of m + 2**23
-            m = (d_scale * inv_unit + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
-            tile_best = tl.max(dots * m[None, :], 1).to(tl.float32) * unit
+            m = (d_scale[None, :] * inv_unit + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
+            tile_best = tl.reshape(tl.max(dots * m, 1, keep_dims=True).to(tl.float32) * unit, [BLOCK_Q])
         else:
             sim = _tile_similarities(
                 q_tile, q_rows, q_in, q_inv, d_cols, d_scale, every, D, sq_k, sd_k,
