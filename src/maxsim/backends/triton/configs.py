@@ -118,7 +118,8 @@ DEFAULT = FwdConfig()
 # int8 tile maxima taken on integers (scales on a grid per document) and a document's last tile re-reading its
 # last token instead of masking (e7dfa39; same probe, H100, 2026-12-06, against 9f8c8d7 in the same call):
 # int8 index 9.02 -> 9.78 ms with block_l 32, 8.88 with block_l 64 (taken), 8 warps 10.26-12.08, block_q 128
-# 10.18; e4m3 index 8.36 -> 8.06; float16 kernel 10.90 -> 10.89.
+# 10.18; e4m3 index 8.36 -> 8.06; float16 kernel 10.90 -> 10.89. With a tile's largest scale reduced inside each
+# warp (f6f0660; no sweep of the rows since): bench-search int8 index 8.31 ms, float16 11.36 (H100, 2026-12-06).
 # BEGIN TABLE
 TABLE: dict[tuple[str, str], FwdConfig] = {
     ("sm_90", "flops"): FwdConfig(256, 64, 128, 1, 8, 3, 1.0, 2, False, 1),
