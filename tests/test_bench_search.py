@@ -167,3 +167,53 @@ def test_docstring_paragraphs_are_prose():
     assert len(texts) >= bench_search.ENCODER_DOCS
     assert texts == sorted(set(texts))
     assert all(16 <= len(t.split()) <= 120 and ">>>" not in t for t in texts)
+
+
+def test_rounds_time_every_provider_in_turn(monkeypatch):
+    """Each row's time is the median of its rounds; naive-chunked (seconds a call at full size) is timed once."""
+    calls = []
+    monkeypatch.setattr(bench_search, "_time", lambda fn, device, repeats: calls.append(1) or float(len(calls)))
+    result = bench_search.run(40, 2, torch.device("cpu"), repeats=1, quick=True, recall_queries=2, rounds=3)
+    assert result["timing_rounds"] == 3
+    rows = {(r["provider"], r["queries"]): r for r in result["results"]}
+    for (provider, _), row in rows.items():
+        assert len(row["ms_rounds"]) == (1 if provider == "naive-chunked" else 3), provider
+        assert row["ms"] == sorted(row["ms_rounds"])[len(row["ms_rounds"]) // 2]
+    # in turn: the first round times every provider before the second round times any
+    timed = [p for p in rows if p[0] != "naive-chunked"]
+    first_round = {key: rows[key]["ms_rounds"][0] for key in timed}
+    assert max(first_round.values()) < min(rows[key]["ms_rounds"][1] for key in timed)
+    with pytest.raises(ValueError, match="rounds"):
+        bench_search.run(40, 2, torch.device("cpu"), quick=True, recall_queries=2, rounds=0)
+
+
+@pytest.mark.parametrize("fit_all", [True, False])
+def test_indexes_held_together_where_they_fit(monkeypatch, fit_all):
+    """The indexes are timed together where they fit beside the corpus; where the next does not fit beside
+    those held (but would alone) those are timed and freed first, and every index still gets its rows."""
+    import weakref
+
+    live = weakref.WeakSet()
+
+    class CountedIndex(maxsim.Index):
+        most = 0
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            live.add(self)
+            CountedIndex.most = max(CountedIndex.most, len(live))
+
+    tokens, _, _ = bench_search.clustered_corpus(40, 2, torch.device("cpu"))
+    capacity = tokens.shape[0] * (260 if not fit_all else 10**4)  # one float16 index alone; not two indexes
+
+    def room(need, device):
+        held = sum(index.memory()["total"] for index in live)
+        return None if need + held <= capacity else "no room"
+
+    monkeypatch.setattr(bench_search.maxsim, "Index", CountedIndex)
+    monkeypatch.setattr(bench_search, "_room", room)
+    monkeypatch.setattr(bench_search, "peer_searches", lambda *a: ({}, {}))
+    result = bench_search.run(40, 2, torch.device("cpu"), repeats=1, quick=True, recall_queries=2)
+    providers = {r["provider"] for r in result["results"]}
+    assert {"index-float16", "index-float8_e4m3fn", "index-int8"} <= providers and not result["skipped"]
+    assert CountedIndex.most == (3 if fit_all else 1)

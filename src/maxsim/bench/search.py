@@ -18,7 +18,11 @@ and on one query:
 
 Reported: ms per batch, queries/s, bytes per stored token, recall@10 against the exact float16 answer, and
 the floors (FLOPs of the real tokens / matmul rate; bytes of the real tokens / copy bandwidth, measured in
-the same run). GPU timings are ``do_bench`` medians (L2 flushed), CPU ones ``perf_counter`` medians.
+the same run). GPU timings are ``do_bench`` medians (L2 flushed), CPU ones ``perf_counter`` medians, taken in
+rounds (``--rounds``, 5 on CUDA): every provider timed once per round in turn, a row's time the median of its
+rounds, their range printed beside it. Two rows of one kernel (``topk`` and ``index-float16``) timed one
+after the other measured up to 4% apart on an H100: a drift of the clocks within the run, which the rounds
+share out among the providers.
 
     maxsim bench-search [--docs 100000] [--device cuda] [--json out.json]   (or python -m maxsim.bench.search)
 
@@ -133,6 +137,7 @@ def _batched_ids(search, queries: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat([search(queries[i : i + batch])[1] for i in range(0, queries.shape[0], batch)])
 
 
+ROUNDS = 5  # timing rounds on CUDA (``run``)
 HEADROOM = 2 << 30  # bytes an index build or a peer's search needs beyond its storage (chunked temporaries)
 PEER_CHUNK = 4096  # documents per chunk of late-interaction-kernels' retrieve
 
@@ -148,9 +153,20 @@ def _room(need: int, device: torch.device) -> str | None:
     return f"needs {(need + HEADROOM) / 1e9:.1f} GB beside the float16 corpus, {free / 1e9:.1f} GB free"
 
 
+def _index_bytes(tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of the stored tokens (and scales) of an index of ``tokens`` tokens of ``dtype``."""
+    return tokens * (DIM * dtype.itemsize + (4 if dtype in QUANT_MAX else 0))
+
+
 def _index_room(tokens: int, dtype: torch.dtype, device: torch.device) -> str | None:
     """``_room`` of an index of ``tokens`` tokens of ``dtype``."""
-    return _room(tokens * (DIM * dtype.itemsize + (4 if dtype in QUANT_MAX else 0)), device)
+    return _room(_index_bytes(tokens, dtype), device)
+
+
+def padded_bytes(cu: torch.Tensor, tokens: torch.Tensor) -> int:
+    """Bytes of ``padded_corpus(tokens, cu)`` with its mask and the gather's int64 rows."""
+    longest = int((cu[1:] - cu[:-1]).max())
+    return (cu.shape[0] - 1) * longest * (DIM * tokens.element_size() + 1 + 8)
 
 
 def padded_corpus(tokens: torch.Tensor, cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,8 +197,7 @@ def peer_searches(tokens: torch.Tensor, cu: torch.Tensor, device: torch.device) 
         searches["flash-maxsim"] = flash_search
     else:
         skipped["flash-maxsim"] = why
-    padded_bytes = (cu.shape[0] - 1) * longest * (DIM * tokens.element_size() + 1 + 8)  # rows too
-    why = baselines.LateInteractionKernels().available(device) or _room(padded_bytes, device)
+    why = baselines.LateInteractionKernels().available(device) or _room(padded_bytes(cu, tokens), device)
     if why is None:
         import late_interaction_kernels as lik
 
@@ -205,13 +220,23 @@ def run(
     quick: bool = False,
     lengths_range: tuple = LENGTHS,
     recall_queries: int = 256,
+    rounds: int | None = None,
 ) -> dict:
     """Build the corpus, check every provider's top-10 and time it on the first ``n_queries`` queries, and
     measure the quantized indexes' recall@10 against the exact float16 answer over ``max(n_queries,
     recall_queries)`` queries (32 queries hold only 320 answers: a standard error near 0.006 at recall 0.99),
-    with its standard error over queries; the results dict (JSON-ready). One index exists at a time (the 100k
-    corpus is 5.5 GB in float16); an index that does not fit beside the corpus on the GPU (the float16 one at
-    1M documents on an 80 GB card) is left out, its reason in ``skipped``."""
+    with its standard error over queries; the results dict (JSON-ready).
+
+    Timing goes in ``rounds`` rounds (default ``ROUNDS`` on CUDA, 1 elsewhere): every provider held at the
+    time is timed once per round, in turn, and a row's ``ms`` is the median of its rounds (``ms_rounds``), so
+    a drift of the GPU's clocks during the run falls on every provider alike rather than on whichever was
+    timed last. The indexes are held together where they fit beside the corpus (the 100k corpus is 5.5 GB in
+    float16); where the next one does not fit beside those held but would without them, those are timed and
+    freed first; one that does not fit beside the corpus alone (the float16 index at 1M documents on an 80 GB
+    card) is left out, its reason in ``skipped``. ``naive-chunked`` (seconds a call) is timed once, last."""
+    rounds = rounds if rounds is not None else (ROUNDS if device.type == "cuda" else 1)
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
     tokens, cu, recall_set = clustered_corpus(
         n_docs, max(n_queries, recall_queries), device, lengths_range=lengths_range
     )
@@ -225,30 +250,59 @@ def run(
         return maxsim.topk(q, tokens, K, cu_seqlens_d=cu)
 
     exact = _batched_ids(exact_search, recall_set, n_queries)
-    rows, recall, skipped = [], {"queries": recall_set.shape[0], "recall_at_10": {}, "stderr": {}}, {}
+    recall, skipped = {"queries": recall_set.shape[0], "recall_at_10": {}, "stderr": {}}, {}
+    checked: dict[tuple[str, int], dict] = {}  # (provider, queries) -> its first call's recall and memory
+    samples: dict[tuple[str, int], list[float]] = {}  # (provider, queries) -> ms of each round
+    held: dict[str, object] = {}  # provider -> search, timed in the next rounds
+    indexes: dict[str, maxsim.Index] = {}  # the indexes held, by provider
+    peers_named: set[str] = set()
 
-    def measure(name: str, search, memory: dict | None = None) -> None:
+    def check(name: str, search, memory: dict | None = None) -> None:
         for nq in (n_queries, 1):
-            q = queries[:nq]
-            _, ids = search(q)
-            ms = _time(lambda q=q: search(q), device, repeats)
-            rows.append({
-                "provider": name, "queries": nq, "ms": ms, "queries_per_s": nq / (ms * 1e-3),
-                "recall_at_10": _recall(ids, exact[:nq]),
-                "bytes_per_token": None if memory is None else memory["bytes_per_token"],
-                "flop_floor_ms": flop_ms[nq], "bytes_floor_ms": bytes_ms,
-                "x_flop_floor": ms / flop_ms[nq], "x_bytes_floor": ms / bytes_ms,
-            })  # fmt: skip
+            _, ids = search(queries[:nq])
+            checked[(name, nq)] = {"recall_at_10": _recall(ids, exact[:nq]), "memory": memory}
+            samples[(name, nq)] = []
+        held[name] = search
 
-    measure("topk", exact_search)
+    def drop(name: str, e: Exception) -> None:  # a broken peer is reported, whatever it raised
+        skipped[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        held.pop(name, None)
+        for nq in (n_queries, 1):
+            checked.pop((name, nq), None)
+
+    def time_rounds(count: int) -> None:
+        for _ in range(count):
+            for name, search in list(held.items()):
+                try:
+                    for nq in (n_queries, 1):
+                        q = queries[:nq]
+                        samples[(name, nq)].append(_time(lambda q=q, search=search: search(q), device, repeats))
+                except Exception as e:  # noqa: BLE001
+                    if name not in peers_named:
+                        raise
+                    drop(name, e)
+
+    def make_room(need: int) -> None:
+        """Time and free the held indexes where ``need`` bytes do not fit beside them but would without."""
+        held_bytes = sum(index.memory()["total"] for index in indexes.values())
+        if held_bytes and _room(need, device) is not None and _room(need - held_bytes, device) is None:
+            time_rounds(rounds)
+            for provider in list(held):
+                if provider.startswith("index-"):
+                    del held[provider]
+            indexes.clear()
+
+    check("topk", exact_search)
     for dtype in STORAGE:
         name = str(dtype).removeprefix("torch.")
+        make_room(_index_bytes(total, dtype))
         reason = _index_room(total, dtype, device)
         if reason is not None:
             skipped[f"index-{name}"] = reason
             continue
         index = maxsim.Index(DIM, dtype, device=device)
         index.add((tokens, cu))
+        indexes[f"index-{name}"] = index
         variants = [(f"index-{name}", None)]  # the default: queries quantized where codes are multiplied
         if get_backend(device).dots_quantized(queries, index.tokens):
             variants.append((f"index-{name}-wide-queries", False))
@@ -257,21 +311,37 @@ def run(
             def search(q, index=index, quantize_queries=quantize_queries):
                 return index.search(q, K, quantize_queries=quantize_queries)
 
-            measure(provider, search, index.memory())
+            check(provider, search, index.memory())
             if dtype in QUANT_MAX:
                 per_query = _recall_per_query(_batched_ids(search, recall_set, n_queries), exact)
                 key = provider.removeprefix("index-")  # a query's 10 answers are not independent: per query
                 recall["recall_at_10"][key] = statistics.fmean(per_query)
                 recall["stderr"][key] = statistics.pstdev(per_query) / len(per_query) ** 0.5
-        del index, search  # search holds the index too: free it before the next one is built
+        del index, search  # only ``indexes`` and ``held`` hold an index now: make_room can free it
+    make_room(padded_bytes(cu, tokens))
     peers, peers_skipped = peer_searches(tokens, cu, device)
     skipped.update(peers_skipped)
+    peers_named.update(peers)
     for name in list(peers):
         try:
-            measure(name, peers.pop(name))  # popped: a padded corpus is freed once its peer is timed
-        except Exception as e:  # noqa: BLE001 - a broken peer is reported, whatever it raises
-            skipped[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    measure("naive-chunked", lambda q: naive_chunked_topk(q, tokens, cu, K))
+            check(name, peers.pop(name))  # popped: held only by ``held`` from here
+        except Exception as e:  # noqa: BLE001
+            drop(name, e)
+    time_rounds(rounds)
+    held.clear()
+    indexes.clear()
+    check("naive-chunked", lambda q: naive_chunked_topk(q, tokens, cu, K))
+    time_rounds(1)  # seconds a call: once
+    rows = []
+    for (name, nq), first in checked.items():
+        ms = statistics.median(samples[(name, nq)])
+        rows.append({
+            "provider": name, "queries": nq, "ms": ms, "ms_rounds": samples[(name, nq)],
+            "queries_per_s": nq / (ms * 1e-3), "recall_at_10": first["recall_at_10"],
+            "bytes_per_token": None if first["memory"] is None else first["memory"]["bytes_per_token"],
+            "flop_floor_ms": flop_ms[nq], "bytes_floor_ms": bytes_ms,
+            "x_flop_floor": ms / flop_ms[nq], "x_bytes_floor": ms / bytes_ms,
+        })  # fmt: skip
     read_at_full_size = n_docs >= FULL_DOCS and tuple(lengths_range) == LENGTHS
     return {
         "schema": "maxsim-bench-search/1",
@@ -281,6 +351,7 @@ def run(
         "corpus": {"documents": n_docs, "tokens": total, "dim": DIM, "lengths": list(lengths_range), "centroids": CENTROIDS,
                    "noise": NOISE, "queries": n_queries, "query_tokens": QUERY_TOKENS, "k": K},
         "ceilings": ceil,
+        "timing_rounds": rounds,
         "results": rows,
         "skipped": skipped,
         "recall": recall,
@@ -465,7 +536,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="document lengths LO,HI (uniform, inclusive; default the bars' 128,300; e.g. 64,300 for the 1M run)",
     )  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=3, help="CPU timed calls per provider")
+    parser.add_argument("--repeats", type=int, default=3, help="CPU timed calls per provider and round")
+    parser.add_argument(
+        "--rounds", type=int,
+        help=f"timing rounds, every provider timed once per round in turn (default {ROUNDS} on CUDA, 1 elsewhere)",
+    )  # fmt: skip
     parser.add_argument(
         "--quick", action="store_true", help="small ceilings (smoke runs; floors not comparable)"
     )
@@ -489,18 +564,21 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--lengths must be LO,HI, got {args.lengths!r}")
     if not 1 <= lo <= hi:
         parser.error(f"--lengths must satisfy 1 <= LO <= HI, got {lo},{hi}")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     result = run(
         docs, args.queries, device, repeats=args.repeats, quick=args.quick, lengths_range=(lo, hi),
-        recall_queries=args.recall_queries,
+        recall_queries=args.recall_queries, rounds=args.rounds,
     )  # fmt: skip
     result["encoder_recall"] = _encoder_recall_or_reason(args.encoder_docs, args.encoder_queries, device)
     result["bars"] += encoder_bars(result["encoder_recall"])
     print(f"search: {docs} documents, {result['corpus']['tokens']} tokens, D={DIM}, top-{K}, {device}")
-    print(f"{'provider':22s} {'queries':>7s} {'ms':>10s} {'queries/s':>10s} {'recall@10':>9s} "
+    print(f"{'provider':22s} {'queries':>7s} {'ms':>10s} {'rounds':>14s} {'queries/s':>10s} {'recall@10':>9s} "
           f"{'B/token':>8s} {'x FLOP floor':>12s} {'x bytes floor':>13s}")  # fmt: skip
     for r in result["results"]:
         bpt = "-" if r["bytes_per_token"] is None else f"{r['bytes_per_token']:.1f}"
-        print(f"{r['provider']:22s} {r['queries']:7d} {r['ms']:10.3f} {r['queries_per_s']:10.1f} "
+        spread = f"{min(r['ms_rounds']):.3f}-{max(r['ms_rounds']):.3f}" if len(r["ms_rounds"]) > 1 else "-"
+        print(f"{r['provider']:22s} {r['queries']:7d} {r['ms']:10.3f} {spread:>14s} {r['queries_per_s']:10.1f} "
               f"{r['recall_at_10']:9.3f} {bpt:>8s} {r['x_flop_floor']:12.2f} {r['x_bytes_floor']:13.2f}")  # fmt: skip
     recall = result["recall"]
     print(f"clustered corpus, {recall['queries']} queries: recall@10 against the exact float16 answer: "
