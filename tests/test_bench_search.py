@@ -179,7 +179,7 @@ def test_rounds_time_every_provider_in_turn(monkeypatch):
     for (provider, _), row in rows.items():
         assert len(row["ms_rounds"]) == (1 if provider == "naive-chunked" else 3), provider
         assert row["ms"] == sorted(row["ms_rounds"])[len(row["ms_rounds"]) // 2]
-    # in turn: the first round times every provider before the second round times any
+    # in rounds: the first round times every provider before the second round times any
     timed = [p for p in rows if p[0] != "naive-chunked"]
     first_round = {key: rows[key]["ms_rounds"][0] for key in timed}
     assert max(first_round.values()) < min(rows[key]["ms_rounds"][1] for key in timed)

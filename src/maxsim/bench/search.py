@@ -19,21 +19,17 @@ and on one query:
 Reported: ms per batch, queries/s, bytes per stored token, recall@10 against the exact float16 answer, and
 the floors (FLOPs of the real tokens / matmul rate; bytes of the real tokens / copy bandwidth, measured in
 the same run). GPU timings are ``do_bench`` medians (L2 flushed), CPU ones ``perf_counter`` medians, taken in
-rounds (``--rounds``, 5 on CUDA): every provider timed once per round in turn, a row's time the median of its
-rounds, their range printed beside it. Two rows of one kernel (``topk`` and ``index-float16``) timed one
-after the other measured up to 4% apart on an H100: a drift of the clocks within the run, which the rounds
-share out among the providers.
-
-    maxsim bench-search [--docs 100000] [--device cuda] [--json out.json]   (or python -m maxsim.bench.search)
-
-The quantized indexes' recall is also measured on real token embeddings (``encoder_recall``: all-MiniLM-L6-v2
-over docstring prose, ``--encoder-docs``; skipped without the encoder extra).
+rounds (``--rounds``, 5 on CUDA): every provider timed once per round, in an order shuffled per round, a row's
+time the median of its rounds, their range printed beside it. Timed once each, ``topk`` and ``index-float16``
+(one kernel on the same tokens) measured up to 4% apart on an H100; in five rounds the index's 32-query
+search took 11.13 ms in three and 11.92 in two, ``topk``'s 11.22-11.29.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 
@@ -228,7 +224,7 @@ def run(
     with its standard error over queries; the results dict (JSON-ready).
 
     Timing goes in ``rounds`` rounds (default ``ROUNDS`` on CUDA, 1 elsewhere): every provider held at the
-    time is timed once per round, in turn, and a row's ``ms`` is the median of its rounds (``ms_rounds``), so
+    time is timed once per round, in an order shuffled per round, and a row's ``ms`` is the median of its rounds (``ms_rounds``), so
     a drift of the GPU's clocks during the run falls on every provider alike rather than on whichever was
     timed last. The indexes are held together where they fit beside the corpus (the 100k corpus is 5.5 GB in
     float16); where the next one does not fit beside those held but would without them, those are timed and
@@ -270,13 +266,20 @@ def run(
         for nq in (n_queries, 1):
             checked.pop((name, nq), None)
 
+    order = random.Random(0)
+
     def time_rounds(count: int) -> None:
+        """``count`` rounds; each times every held (provider, queries) once, in an order shuffled per round,
+        so that no provider always follows the same one."""
         for _ in range(count):
-            for name, search in list(held.items()):
+            turns = [(name, nq) for name in held for nq in (n_queries, 1)]
+            order.shuffle(turns)
+            for name, nq in turns:
+                if name not in held:  # dropped earlier in this round
+                    continue
+                search, q = held[name], queries[:nq]
                 try:
-                    for nq in (n_queries, 1):
-                        q = queries[:nq]
-                        samples[(name, nq)].append(_time(lambda q=q, search=search: search(q), device, repeats))
+                    samples[(name, nq)].append(_time(lambda q=q, search=search: search(q), device, repeats))
                 except Exception as e:  # noqa: BLE001
                     if name not in peers_named:
                         raise
@@ -539,7 +542,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="CPU timed calls per provider and round")
     parser.add_argument(
         "--rounds", type=int,
-        help=f"timing rounds, every provider timed once per round in turn (default {ROUNDS} on CUDA, 1 elsewhere)",
+        help=f"timing rounds, every provider timed once per round, in a shuffled order (default {ROUNDS} on CUDA, 1 elsewhere)",
     )  # fmt: skip
     parser.add_argument(
         "--quick", action="store_true", help="small ceilings (smoke runs; floors not comparable)"
