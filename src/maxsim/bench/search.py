@@ -105,11 +105,20 @@ def naive_chunked_topk(queries: torch.Tensor, tokens: torch.Tensor, cu: torch.Te
     return best_s, best_i
 
 
+SETTLE_S = 0.5  # seconds the GPU idles before each timing (see _time)
+
+
 def _time(fn, device: torch.device, repeats: int) -> float:
-    """Median ms: ``do_bench`` (L2 flushed) on CUDA, ``perf_counter`` over ``repeats`` calls elsewhere."""
+    """Median ms: ``do_bench`` (L2 flushed) on CUDA, ``perf_counter`` over ``repeats`` calls elsewhere.
+
+    On CUDA the GPU idles ``SETTLE_S`` first, so that every timing starts from the same clocks: timed straight
+    after another search, a tensor-core-bound search measured up to 13% slower or faster by what came before
+    (H100, issue 6's 32-query search; bytes-bound ones within 1%)."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
+        torch.cuda.synchronize(device)
+        time.sleep(SETTLE_S)
         return float(do_bench(fn, return_mode="median"))
     fn()
     samples = []
