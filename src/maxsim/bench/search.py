@@ -20,9 +20,10 @@ Reported: ms per batch, queries/s, bytes per stored token, recall@10 against the
 the floors (FLOPs of the real tokens / matmul rate; bytes of the real tokens / copy bandwidth, measured in
 the same run). GPU timings are ``do_bench`` medians (L2 flushed), CPU ones ``perf_counter`` medians, taken in
 rounds (``--rounds``, 5 on CUDA): every provider timed once per round, in an order shuffled per round, a row's
-time the median of its rounds, their range printed beside it. Timed once each, ``topk`` and ``index-float16``
-(one kernel on the same tokens) measured up to 4% apart on an H100; in five rounds the index's 32-query
-search took 11.13 ms in three and 11.92 in two, ``topk``'s 11.22-11.29.
+time the median of its rounds, their range printed beside it; on CUDA the GPU idles ``SETTLE_S`` before each
+timing. Without that pause a tensor-core-bound search timed straight after another one moved with what came
+before (H100, the 32-query search: ``topk`` 11.05-11.78 ms and the float16 index, the same kernel on the same
+tokens, 10.95-12.45 over five shuffled rounds); with it both stayed within 2% (11.15-11.36).
 """
 
 from __future__ import annotations
@@ -111,9 +112,8 @@ SETTLE_S = 0.5  # seconds the GPU idles before each timing (see _time)
 def _time(fn, device: torch.device, repeats: int) -> float:
     """Median ms: ``do_bench`` (L2 flushed) on CUDA, ``perf_counter`` over ``repeats`` calls elsewhere.
 
-    On CUDA the GPU idles ``SETTLE_S`` first, so that every timing starts from the same clocks: timed straight
-    after another search, a tensor-core-bound search measured up to 13% slower or faster by what came before
-    (H100, issue 6's 32-query search; bytes-bound ones within 1%)."""
+    On CUDA the GPU idles ``SETTLE_S`` first, so that every timing starts from the same clocks (the module's
+    docstring has what a tensor-core-bound search did without it)."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
