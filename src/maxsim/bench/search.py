@@ -233,12 +233,12 @@ def run(
     with its standard error over queries; the results dict (JSON-ready).
 
     Timing goes in ``rounds`` rounds (default ``ROUNDS`` on CUDA, 1 elsewhere): every provider held at the
-    time is timed once per round, in an order shuffled per round, and a row's ``ms`` is the median of its rounds (``ms_rounds``), so
-    a drift of the GPU's clocks during the run falls on every provider alike rather than on whichever was
-    timed last. The indexes are held together where they fit beside the corpus (the 100k corpus is 5.5 GB in
-    float16); where the next one does not fit beside those held but would without them, those are timed and
-    freed first; one that does not fit beside the corpus alone (the float16 index at 1M documents on an 80 GB
-    card) is left out, its reason in ``skipped``. ``naive-chunked`` (seconds a call) is timed once, last."""
+    time is timed once per round, in an order shuffled per round (after ``SETTLE_S`` idle on CUDA), and a
+    row's ``ms`` is the median of its rounds (``ms_rounds``). The indexes are held together where they fit
+    beside the corpus (the 100k corpus is 5.5 GB in float16); where the next one does not fit beside those
+    held but would without them, those are timed and freed first; one that does not fit beside the corpus
+    alone (the float16 index at 1M documents on an 80 GB card) is left out, its reason in ``skipped``.
+    ``naive-chunked`` (seconds a call) is timed once, last."""
     rounds = rounds if rounds is not None else (ROUNDS if device.type == "cuda" else 1)
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
@@ -551,7 +551,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="CPU timed calls per provider and round")
     parser.add_argument(
         "--rounds", type=int,
-        help=f"timing rounds, every provider timed once per round, in a shuffled order (default {ROUNDS} on CUDA, 1 elsewhere)",
+        help=f"timing rounds: every provider timed once per round, in a shuffled order (default {ROUNDS} on "
+        "CUDA, 1 elsewhere)",
     )  # fmt: skip
     parser.add_argument(
         "--quick", action="store_true", help="small ceilings (smoke runs; floors not comparable)"
