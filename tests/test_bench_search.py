@@ -169,7 +169,7 @@ def test_docstring_paragraphs_are_prose():
     assert all(16 <= len(t.split()) <= 120 and ">>>" not in t for t in texts)
 
 
-def test_rounds_time_every_provider_in_turn(monkeypatch):
+def test_rounds_time_every_provider_once_per_round(monkeypatch):
     """Each row's time is the median of its rounds; naive-chunked (seconds a call at full size) is timed once."""
     calls = []
     monkeypatch.setattr(bench_search, "_time", lambda fn, device, repeats: calls.append(1) or float(len(calls)))
